@@ -1,0 +1,275 @@
+"""One validated config schema for the CLI, sweeps, tests and the Python API.
+
+A run config is a TOML document (or the equivalent dict):
+
+.. code-block:: toml
+
+    seed = 0            # everything random derives from it
+    clients = 20        # M, the federation size
+    rounds = 100        # K, outer iterations
+    eval_every = 5      # metrics every this many outer iterations (and at the end)
+    dtype = "float64"   # or "float32"
+    device = "cpu"      # or "cuda", "cuda:1"
+
+    [problem]           # a component: a registry name and keyword parameters
+    name = "hyper_cleaning"
+    params = { corruption = 0.4 }
+
+    [data]              # dataset problems only
+    name = "digits"
+    val_fraction = 0.2  # per-client validation part
+    [partition]
+    name = "dirichlet"
+    params = { alpha = 0.1 }
+
+    [algorithm]
+    name = "fedmbo"
+    params = { outer_lr = 0.5, inner_lr = 0.1, neumann_lr = 0.1 }
+
+    [engine]
+    name = "vmap"
+
+Component parameters are checked against the registered factory's keyword-only signature
+(unknown keys, wrong types) when the config is loaded; value ranges are checked by the factories
+when components are built, which also happens before any work. Every failure is one
+:class:`~fedopt.errors.ConfigError` line naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fedopt.errors import ConfigError, check
+from fedopt.registry import ALGORITHMS, DATASETS, ENGINES, PARTITIONERS, PROBLEMS, Registry
+
+__all__ = ["Component", "DataConfig", "RunConfig", "apply_overrides", "load_config", "parse_config"]
+
+_DTYPES = ("float32", "float64")
+
+
+@dataclass(frozen=True)
+class Component:
+    """A registry name plus the keyword parameters of its factory."""
+
+    name: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataConfig(Component):
+    """A dataset component plus how each client's part is split into train and validation."""
+
+    val_fraction: float = 0.2
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A fully validated run description (see the module docstring)."""
+
+    problem: Component
+    algorithm: Component
+    data: DataConfig | None = None
+    partition: Component | None = None
+    engine: Component = Component("vmap")
+    clients: int = 10
+    rounds: int = 100
+    eval_every: int = 1
+    seed: int = 0
+    dtype: Literal["float32", "float64"] = "float64"
+    device: str = "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data (what ``config.toml`` holds); drops empty tables."""
+        d = asdict(self)
+        for k in ("data", "partition"):
+            if d[k] is None:
+                del d[k]
+        for comp in d.values():
+            if isinstance(comp, dict):
+                comp["params"] = dict(comp["params"])
+        return d
+
+
+# ---- parameter checking against factory signatures ----------------------------------------
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """``value`` checked (and int->float widened) against annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp) and isinstance(value, str | bool | int):
+            return value
+    elif isinstance(tp, types.UnionType) or origin is typing.Union:
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                pass
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise ConfigError(f"{where} must be {_type_name(tp)}, got {value!r}")
+
+
+def check_params(fn: Callable[..., Any], params: Mapping[str, Any], where: str, label: str) -> dict[str, Any]:
+    """Validate ``params`` against ``fn``'s keyword-only parameters; return them type-coerced."""
+    check(isinstance(params, Mapping), f"{where} must be a table of parameters, got {params!r}")
+    sig = inspect.signature(fn)
+    hints = typing.get_type_hints(fn)
+    allowed = {n: p for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    out = {}
+    for k, v in params.items():
+        if k not in allowed:
+            names = ", ".join(sorted(allowed)) or "(none)"
+            raise ConfigError(f"unknown key {where}.{k} for {label}; allowed: {names}")
+        out[k] = _coerce(v, hints.get(k, Any), f"{where}.{k}")
+    missing = [n for n, p in allowed.items() if p.default is inspect.Parameter.empty and n not in out]
+    check(not missing, f"{where} is missing required key(s) for {label}: {', '.join(missing)}")
+    return out
+
+
+def _component(raw: Any, key: str, registry: Registry[Any], extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    check(isinstance(raw, Mapping), f"{key} must be a table with 'name' (and 'params'), got {raw!r}")
+    allowed = ("name", "params", *extra)
+    for k in raw:
+        check(k in allowed, f"unknown key {key}.{k}; allowed: {', '.join(allowed)}")
+    check("name" in raw, f"{key}.name is missing; available: {', '.join(registry.names())}")
+    check(isinstance(raw["name"], str), f"{key}.name must be a string, got {raw['name']!r}")
+    factory = registry.get(raw["name"])
+    params = check_params(factory, raw.get("params", {}), f"{key}.params", f"{registry.kind} {raw['name']!r}")
+    return {**{k: raw[k] for k in extra if k in raw}, "name": raw["name"], "params": params}
+
+
+_TOP = {
+    "problem", "algorithm", "data", "partition", "engine", "clients", "rounds", "eval_every", "seed",
+    "dtype", "device",
+}
+
+
+def parse_config(raw: Mapping[str, Any]) -> RunConfig:
+    """Validate a raw (TOML-shaped) mapping into a :class:`RunConfig`."""
+    check(isinstance(raw, Mapping), "a config must be a table")
+    for k in raw:
+        check(k in _TOP, f"unknown top-level key {k!r}; allowed: {', '.join(sorted(_TOP))}")
+    for k in ("problem", "algorithm"):
+        check(k in raw, f"the config has no [{k}] table")
+
+    def integer(k: str, default: int, lo: int) -> int:
+        v = raw.get(k, default)
+        check(isinstance(v, int) and not isinstance(v, bool), f"{k} must be an integer, got {v!r}")
+        check(v >= lo, f"{k} must be >= {lo}, got {v}")
+        return v
+
+    dtype = raw.get("dtype", "float64")
+    check(dtype in _DTYPES, f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    device = raw.get("device", "cpu")
+    check(isinstance(device, str), f"device must be a string such as 'cpu' or 'cuda', got {device!r}")
+
+    data = partition = None
+    if "data" in raw:
+        d = _component(raw["data"], "data", DATASETS, extra=("val_fraction",))
+        vf = _coerce(d.pop("val_fraction", 0.2), float, "data.val_fraction")
+        check(0 < vf < 1, f"data.val_fraction must be in (0, 1), got {vf}")
+        data = DataConfig(d["name"], d["params"], vf)
+    if "partition" in raw:
+        check(data is not None, "a [partition] table needs a [data] table")
+        p = _component(raw["partition"], "partition", PARTITIONERS)
+        partition = Component(p["name"], p["params"])
+    prob = _component(raw["problem"], "problem", PROBLEMS)
+    alg = _component(raw["algorithm"], "algorithm", ALGORITHMS)
+    eng = _component(raw.get("engine", "vmap"), "engine", ENGINES)
+    return RunConfig(
+        problem=Component(prob["name"], prob["params"]),
+        algorithm=Component(alg["name"], alg["params"]),
+        data=data,
+        partition=partition,
+        engine=Component(eng["name"], eng["params"]),
+        clients=integer("clients", 10, 1),
+        rounds=integer("rounds", 100, 0),
+        eval_every=integer("eval_every", 1, 1),
+        seed=integer("seed", 0, 0),
+        dtype=dtype,
+        device=device,
+    )
+
+
+def _parse_value(text: str) -> Any:
+    """A ``--set`` value: TOML syntax if it parses (``0.1``, ``true``, ``[1, 2]``), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides to a raw config (a deep copy is returned)."""
+    import copy
+
+    out = copy.deepcopy(dict(raw))
+    for item in overrides:
+        check("=" in item, f"--set expects key=value, got {item!r}")
+        path, text = item.split("=", 1)
+        keys = path.strip().split(".")
+        check(all(keys), f"--set key {path!r} is malformed; use dotted keys like algorithm.params.outer_lr")
+        node = out
+        for k in keys[:-1]:
+            nxt = node.get(k)
+            if isinstance(nxt, str) and k in ("engine", "problem", "algorithm", "data", "partition"):
+                nxt = {"name": nxt}  # allow `engine = "vmap"` shorthand to be extended
+            if nxt is None:
+                nxt = {}
+            check(isinstance(nxt, dict), f"--set {path}: {k!r} is not a table")
+            node[k] = nxt
+            node = nxt
+        node[keys[-1]] = _parse_value(text.strip())
+    return out
+
+
+def load_raw(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file; a missing or malformed file is a :class:`ConfigError`."""
+    p = Path(path)
+    check(p.is_file(), f"config file {str(p)!r} does not exist")
+    try:
+        with p.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+
+
+def load_config(source: str | Path | Mapping[str, Any] | RunConfig, overrides: list[str] | None = None) -> RunConfig:
+    """A :class:`RunConfig` from a TOML path, a raw mapping or an existing config."""
+    if isinstance(source, RunConfig):
+        if not overrides:
+            return source
+        source = source.to_dict()
+    raw = load_raw(source) if isinstance(source, str | Path) else dict(source)
+    return parse_config(apply_overrides(raw, overrides or []))

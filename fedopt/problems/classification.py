@@ -1,0 +1,303 @@
+r"""Bilevel tasks on a real (or labelled-synthetic) classification dataset split over clients.
+
+All three share the data layout of :class:`fedopt.data.FederatedData`: client :math:`i` draws its
+lower-level batches from its training part and its upper-level batches from its validation part.
+A batch carries per-sample weights ``w`` that sum to one (``1/b`` for a minibatch of ``b``; the
+client's full part for ``batch_size=None``), so every loss is a weighted mean.
+
+================================  ===========================  =============================
+problem                           upper variable x             lower variable y (L2, SC)
+================================  ===========================  =============================
+``hyper_cleaning``                one logit per training       linear classifier
+                                  sample, weight sigma(x_j)
+``regularization_selection``      log L2 strength per input    linear classifier
+                                  feature
+``hyper_representation``          MLP body (FedNest)           last linear layer
+================================  ===========================  =============================
+
+The global objectives are the uniform client averages :math:`f = \frac1M\sum_i f_i`,
+:math:`g = \frac1M\sum_i g_i` (each :math:`f_i`, :math:`g_i` a mean over client :math:`i`'s data),
+matching the server's uniform averaging of replies. ``metrics`` evaluates them exactly on the
+full data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad
+
+from fedopt import random as rnd
+from fedopt.data import FederatedData
+from fedopt.errors import check
+from fedopt.problems.base import AbstractBilevelProblem, ProblemContext
+from fedopt.registry import PROBLEMS
+
+__all__ = ["HyperCleaning", "HyperRepresentation", "RegularizationSelection"]
+
+
+def _draw(data, split: str, client, key, batch_size: int | None, max_count: int):
+    """Client ``client``'s minibatch from ``split`` (indices into the flat arrays, weights)."""
+    off, n = data[f"{split}_off"][client], data[f"{split}_n"][client]
+    if batch_size is None:  # the full local part, padded to the largest client with zero weights
+        pos = torch.arange(max_count, device=off.device)
+        idx = off + torch.minimum(pos, n - 1)
+        w = (pos < n).to(data[f"{split}_x"].dtype) / n
+    else:
+        idx = off + rnd.randint(key, n, (batch_size,))
+        w = torch.full((batch_size,), 1.0 / batch_size, dtype=data[f"{split}_x"].dtype, device=off.device)
+    return {"x": data[f"{split}_x"][idx], "y": data[f"{split}_y"][idx], "w": w, "idx": idx}
+
+
+def _weighted_ce(logits: torch.Tensor, labels: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return -(w * torch.gather(F.log_softmax(logits, -1), -1, labels.unsqueeze(-1)).squeeze(-1)).sum()
+
+
+def _ravel_spec(module: nn.Module) -> tuple[list[tuple[str, torch.Size]], torch.Tensor]:
+    spec = [(n, p.shape) for n, p in module.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for _, p in module.named_parameters()])
+    return spec, flat
+
+
+def _unravel(flat: torch.Tensor, spec: list[tuple[str, torch.Size]]) -> dict[str, torch.Tensor]:
+    out, i = {}, 0
+    for name, shape in spec:
+        k = shape.numel()
+        out[name] = flat[i : i + k].reshape(shape)
+        i += k
+    return out
+
+
+class _ClassificationBilevel(AbstractBilevelProblem):
+    """Shared data handling; subclasses define ``_logits``, the losses and ``init``."""
+
+    def __init__(self, fed: FederatedData, *, dtype: torch.dtype, device: torch.device) -> None:
+        self.fed = fed
+        self.num_clients = fed.num_clients
+        self.num_classes = fed.num_classes
+        self.num_features = fed.num_features
+        self.dtype, self.device = dtype, device
+
+        def t(a: np.ndarray, dt: torch.dtype) -> torch.Tensor:
+            return torch.as_tensor(a, dtype=dt, device=device)
+
+        i64 = torch.int64
+        self.data = {
+            "train_x": t(fed.x_train, dtype), "train_y": t(fed.y_train, i64),
+            "train_off": t(fed.train_offsets, i64), "train_n": t(fed.train_counts, i64),
+            "val_x": t(fed.x_val, dtype), "val_y": t(fed.y_val, i64),
+            "val_off": t(fed.val_offsets, i64), "val_n": t(fed.val_counts, i64),
+        }
+        self._max_train = int(fed.train_counts.max())
+        self._max_val = int(fed.val_counts.max())
+        self.x_test, self.y_test = t(fed.x_test, dtype), t(fed.y_test, i64)
+
+        def full(split: str, counts: np.ndarray) -> dict[str, torch.Tensor]:
+            w = np.repeat(1.0 / (fed.num_clients * counts), counts)
+            n = int(counts.sum())
+            return {"x": self.data[f"{split}_x"], "y": self.data[f"{split}_y"], "w": t(w, dtype),
+                    "idx": torch.arange(n, device=device)}
+
+        self.full_train = full("train", fed.train_counts)
+        self.full_val = full("val", fed.val_counts)
+
+    def inner_batch(self, data, client, key, batch_size):
+        return _draw(data, "train", client, key, batch_size, self._max_train)
+
+    def outer_batch(self, data, client, key, batch_size):
+        return _draw(data, "val", client, key, batch_size, self._max_val)
+
+    def _linear(self, y: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        w = y.reshape(self.num_classes, -1)
+        return feats @ w[:, :-1].T + w[:, -1]
+
+    def _logits(self, x: torch.Tensor, y: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        del x
+        return self._linear(y, inputs)
+
+    def outer_loss(self, x, y, batch):
+        return _weighted_ce(self._logits(x, y, batch["x"]), batch["y"], batch["w"])
+
+    @torch.no_grad()
+    def metrics(self, x, y):
+        acc = (self._logits(x, y, self.x_test).argmax(-1) == self.y_test).to(torch.float64).mean()
+        gy = grad(self.inner_loss, argnums=1)(x, y, self.full_train)
+        return {
+            "test_acc": float(acc),
+            "outer_loss": float(self.outer_loss(x, y, self.full_val)),
+            "inner_loss": float(self.inner_loss(x, y, self.full_train)),
+            "inner_grad_norm_sq": float(gy.square().sum()),
+        }
+
+
+class HyperCleaning(_ClassificationBilevel):
+    r"""Data hyper-cleaning (Franceschi et al., 2017; federated as in FedNest-style benchmarks).
+
+    A fraction ``corruption`` of the training labels is replaced by a uniformly random *other*
+    label. The upper variable holds one logit :math:`x_j` per training sample (all clients'
+    samples, client-major); the lower problem is a weighted, L2-regularised linear classifier
+    :math:`y = (W, b)`:
+
+    .. math::
+        g_i(x, y) = \sum_{j \in \mathcal D_i^{tr}} w_j\, \sigma(x_j)\, \mathrm{CE}(W a_j + b, \tilde b_j)
+                    + \tfrac{\rho}{2}\|y\|^2, \qquad
+        f_i(x, y) = \sum_{j \in \mathcal D_i^{val}} w_j\, \mathrm{CE}(W a_j + b, b_j)
+
+    with clean validation labels. ``metrics`` adds ``weight_auc``: the probability that a clean
+    sample's weight :math:`\sigma(x_j)` exceeds a corrupted one's (0.5 at the uniform start).
+    """
+
+    def __init__(self, fed: FederatedData, *, corruption: float, reg: float, seed: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        rng = np.random.default_rng([seed, 0xC1EA])
+        n = len(fed.y_train)
+        corrupted = np.zeros(n, dtype=bool)
+        corrupted[rng.choice(n, size=round(corruption * n), replace=False)] = True
+        shift = rng.integers(1, fed.num_classes, size=n)  # a different label, uniformly
+        noisy = np.where(corrupted, (fed.y_train + shift) % fed.num_classes, fed.y_train)
+        fed = FederatedData(**{**fed.__dict__, "y_train": noisy})
+        super().__init__(fed, dtype=dtype, device=device)
+        self.corrupted = torch.as_tensor(corrupted)
+        self.reg = reg
+        self.x_dim = n
+        self.y_dim = self.num_classes * (self.num_features + 1)
+
+    def init(self):
+        z = torch.zeros
+        return z(self.x_dim, dtype=self.dtype, device=self.device), z(self.y_dim, dtype=self.dtype, device=self.device)
+
+    def inner_loss(self, x, y, batch):
+        sw = batch["w"] * torch.sigmoid(x[batch["idx"]])
+        return _weighted_ce(self._logits(x, y, batch["x"]), batch["y"], sw) + 0.5 * self.reg * y @ y
+
+    def lower_smoothness(self) -> float:
+        # CE Hessian <= 1/2 * ||a||^2 per sample (softmax curvature <= 1/2), weights sigma(x) <= 1.
+        a2 = float((self.data["train_x"].square().sum(-1) + 1).max())
+        return 0.5 * a2 + self.reg
+
+    def metrics(self, x, y):
+        out = super().metrics(x, y)
+        wts = torch.sigmoid(x.detach().cpu().to(torch.float64))
+        out["weight_auc"] = _auc(wts[~self.corrupted], wts[self.corrupted])
+        return out
+
+
+def _auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """P(pos > neg) + 0.5 P(pos = neg) (Mann-Whitney), via average ranks."""
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    allv = torch.cat([pos, neg]).numpy()
+    order = np.argsort(allv, kind="mergesort")
+    ranks = np.empty(len(allv))
+    sorted_v = allv[order]
+    # average ranks over ties
+    _, start, counts = np.unique(sorted_v, return_index=True, return_counts=True)
+    avg = start + (counts - 1) / 2.0 + 1
+    ranks[order] = np.repeat(avg, counts)
+    r_pos = ranks[: len(pos)].sum()
+    return float((r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+class RegularizationSelection(_ClassificationBilevel):
+    r"""Per-feature L2 regularisation selection for multinomial logistic regression.
+
+    .. math::
+        g_i(x, y) = \sum_j w_j\,\mathrm{CE}(W a_j + b, b_j)
+                    + \tfrac12 \sum_{k} (\mu_0 + e^{x_k}) \|W_{:,k}\|^2, \qquad
+        f_i(x, y) = \text{validation CE}
+
+    with one :math:`x_k` per input feature and one for the bias column; :math:`\mu_0 > 0` keeps
+    every :math:`g_i` strongly convex whatever :math:`x`.
+    """
+
+    def __init__(self, fed: FederatedData, *, mu0: float, init_log_reg: float,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(fed, dtype=dtype, device=device)
+        self.mu0, self.init_log_reg = mu0, init_log_reg
+        self.x_dim = self.num_features + 1
+        self.y_dim = self.num_classes * (self.num_features + 1)
+
+    def init(self):
+        x0 = torch.full((self.x_dim,), self.init_log_reg, dtype=self.dtype, device=self.device)
+        return x0, torch.zeros(self.y_dim, dtype=self.dtype, device=self.device)
+
+    def inner_loss(self, x, y, batch):
+        w = y.reshape(self.num_classes, -1)
+        penalty = 0.5 * ((self.mu0 + torch.exp(x)) * w.square().sum(0)).sum()
+        return _weighted_ce(self._logits(x, y, batch["x"]), batch["y"], batch["w"]) + penalty
+
+
+class HyperRepresentation(_ClassificationBilevel):
+    r"""Hyper-representation learning (FedNest, Tarzanagh et al., 2022, §5).
+
+    An MLP ``Linear(d, hidden) -> ReLU`` is the representation (upper variable :math:`x`); the
+    last layer ``Linear(hidden, C)`` is the lower variable :math:`y`, with an L2 term so that
+    every :math:`g_i` is strongly convex. :math:`g_i` is the training cross-entropy,
+    :math:`f_i` the validation cross-entropy. Deviations from FedNest's code: no dropout (client
+    tasks are deterministic given their key) and a squared L2 penalty
+    :math:`\tfrac\rho2\|y\|^2` instead of the sum of Frobenius norms.
+    """
+
+    def __init__(self, fed: FederatedData, *, hidden: int, reg: float, seed: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(fed, dtype=dtype, device=device)
+        gen = torch.Generator().manual_seed(seed)
+        body = nn.Sequential(nn.Linear(self.num_features, hidden), nn.ReLU())
+        with torch.no_grad():
+            for p in body.parameters():  # torch's default Linear init, drawn from a seeded generator
+                bound = 1.0 / self.num_features**0.5
+                p.copy_(torch.empty_like(p).uniform_(-bound, bound, generator=gen))
+        self.body = body.to(device=device, dtype=dtype)
+        self._spec, self._x0 = _ravel_spec(self.body)
+        self.hidden, self.reg = hidden, reg
+        self.x_dim = self._x0.numel()
+        self.y_dim = self.num_classes * (hidden + 1)
+
+    def init(self):
+        return self._x0.clone(), torch.zeros(self.y_dim, dtype=self.dtype, device=self.device)
+
+    def _logits(self, x, y, inputs):
+        feats = functional_call(self.body, _unravel(x, self._spec), (inputs,))
+        return self._linear(y, feats)
+
+    def inner_loss(self, x, y, batch):
+        return _weighted_ce(self._logits(x, y, batch["x"]), batch["y"], batch["w"]) + 0.5 * self.reg * y @ y
+
+
+def _needs_data(context: ProblemContext, name: str) -> FederatedData:
+    check(context.data is not None, f"problem '{name}' needs a [data] table (and optionally [partition])")
+    assert context.data is not None
+    return context.data
+
+
+@PROBLEMS.register("hyper_cleaning")
+def hyper_cleaning(context: ProblemContext, /, *, corruption: float = 0.4, reg: float = 1e-2) -> HyperCleaning:
+    """Data hyper-cleaning (see :class:`HyperCleaning`).
+
+    Args:
+        corruption: fraction of training labels replaced by a random other label, in [0, 1).
+        reg: L2 strength rho of the lower-level classifier (> 0: strong convexity).
+    """
+    fed = _needs_data(context, "hyper_cleaning")
+    check(0 <= corruption < 1, f"problem.params.corruption must be in [0, 1), got {corruption}")
+    check(reg > 0, f"problem.params.reg must be > 0, got {reg}")
+    return HyperCleaning(fed, corruption=corruption, reg=reg, seed=context.seed, dtype=context.dtype, device=context.device)
+
+
+@PROBLEMS.register("regularization_selection")
+def regularization_selection(context: ProblemContext, /, *, mu0: float = 1e-3, init_log_reg: float = -4.0) -> RegularizationSelection:
+    """Per-feature L2 selection for logistic regression (see :class:`RegularizationSelection`)."""
+    fed = _needs_data(context, "regularization_selection")
+    check(mu0 > 0, f"problem.params.mu0 must be > 0, got {mu0}")
+    return RegularizationSelection(fed, mu0=mu0, init_log_reg=init_log_reg, dtype=context.dtype, device=context.device)
+
+
+@PROBLEMS.register("hyper_representation")
+def hyper_representation(context: ProblemContext, /, *, hidden: int = 200, reg: float = 1e-2) -> HyperRepresentation:
+    """FedNest's hyper-representation task (see :class:`HyperRepresentation`)."""
+    fed = _needs_data(context, "hyper_representation")
+    check(hidden >= 1, f"problem.params.hidden must be >= 1, got {hidden}")
+    check(reg > 0, f"problem.params.reg must be > 0, got {reg}")
+    return HyperRepresentation(fed, hidden=hidden, reg=reg, seed=context.seed, dtype=context.dtype, device=context.device)

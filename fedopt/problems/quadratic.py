@@ -1,0 +1,209 @@
+r"""The heterogeneous quadratic bilevel problem with closed-form solution (``papers/fedmbo.md`` §6).
+
+.. math::
+    g_i(x, y) = \tfrac12 y^\top H_i y - y^\top (J_i x + c_i), \qquad
+    f_i(x, y) = \tfrac12 \|y - d_i\|^2 + \tfrac\lambda2 \|x\|^2 + w \textstyle\sum_j \cos x_j
+
+With the means :math:`H, J, c, d` over clients:
+
+.. math::
+    y^*(x) = H^{-1}(Jx + c), \quad
+    \nabla\Phi(x) = \lambda x - w \sin x + J^\top H^{-1}(y^*(x) - d), \quad
+    x^* = -(A^\top A + \lambda I)^{-1} A^\top (H^{-1}c - d),\ A = H^{-1}J \ (w = 0).
+
+Heterogeneity ``delta``: :math:`H_i = \mathrm{clip}_{[\mu, L]}(H_0 + \delta S_i)` (eigenvalues
+clipped, so every :math:`g_i` is :math:`\mu`-strongly convex and :math:`L`-smooth),
+:math:`J_i = J_0 + \delta E_i`, and :math:`c_i, d_i` spread by ``delta``; ``delta = 0`` makes all
+clients identical. Noise ``sigma``: every oracle call sees independently perturbed data
+:math:`\tilde H_i = H_i + s\,\mathrm{sym}(G)`, :math:`\tilde J_i, \tilde c_i, \tilde d_i` and a
+linear term :math:`\xi^\top x` in :math:`f_i`, with :math:`s = \sigma/\sqrt{b}` for batch size
+:math:`b` (zero for the full batch). Every gradient, Hessian-vector and cross product is then
+unbiased with variance :math:`\propto \sigma^2 / b`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from fedopt import random as rnd
+from fedopt.errors import check
+from fedopt.problems.base import AbstractBilevelProblem, ProblemContext
+from fedopt.registry import PROBLEMS
+
+__all__ = ["QuadraticBilevel", "quadratic"]
+
+
+def _sym(a: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (a + a.transpose(-1, -2))
+
+
+class QuadraticBilevel(AbstractBilevelProblem):
+    """See the module docstring. Build with :func:`quadratic`."""
+
+    def __init__(
+        self,
+        *,
+        clients: int,
+        x_dim: int,
+        y_dim: int,
+        mu: float,
+        L: float,
+        delta: float,
+        sigma: float,
+        lam: float,
+        cos_weight: float,
+        seed: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.num_clients, self.x_dim, self.y_dim = clients, x_dim, y_dim
+        self.mu, self.L, self.delta, self.sigma = mu, L, delta, sigma
+        self.lam, self.cos_weight = lam, cos_weight
+        self.dtype, self.device = dtype, device
+        rng = np.random.default_rng([seed, 0x9A])
+        p, q, m = x_dim, y_dim, clients
+
+        basis, _ = np.linalg.qr(rng.standard_normal((q, q)))
+        h0 = basis @ np.diag(np.linspace(mu, L, q)) @ basis.T
+        s = rng.standard_normal((m, q, q))
+        s = 0.5 * (s + s.transpose(0, 2, 1))
+        s /= np.linalg.norm(s, ord=2, axis=(1, 2))[:, None, None]
+        evals, evecs = np.linalg.eigh(h0[None] + delta * s)
+        h = evecs @ (np.clip(evals, mu, L)[..., None] * evecs.transpose(0, 2, 1))
+        j = rng.standard_normal((q, p)) / math.sqrt(p) + delta * rng.standard_normal((m, q, p)) / math.sqrt(p)
+        c = rng.standard_normal(q) + delta * rng.standard_normal((m, q))
+        d = rng.standard_normal(q) + delta * rng.standard_normal((m, q))
+
+        def t(a: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(a, dtype=dtype, device=device)
+
+        self.data = {"H": t(h), "J": t(j), "c": t(c), "d": t(d)}
+        # Means in float64 for the exact metrics.
+        f64 = torch.float64
+        self.H = torch.as_tensor(h.mean(0), dtype=f64)
+        self.J = torch.as_tensor(j.mean(0), dtype=f64)
+        self.c = torch.as_tensor(c.mean(0), dtype=f64)
+        self.d = torch.as_tensor(d.mean(0), dtype=f64)
+        self.H_inv = torch.linalg.inv(self.H)
+        self._client_lmax = float(np.linalg.eigvalsh(h).max())
+        self._client_lmin = float(np.linalg.eigvalsh(h).min())
+
+    # ---- oracles (pure, vmap-able) -------------------------------------------------------
+    def init(self) -> tuple[torch.Tensor, torch.Tensor]:
+        zeros = torch.zeros
+        return (zeros(self.x_dim, dtype=self.dtype, device=self.device),
+                zeros(self.y_dim, dtype=self.dtype, device=self.device))
+
+    def _noise_scale(self, batch_size: int | None) -> float:
+        return 0.0 if (batch_size is None or self.sigma == 0) else self.sigma / math.sqrt(batch_size)
+
+    def inner_batch(self, data, client, key, batch_size):
+        h, j, c = data["H"][client], data["J"][client], data["c"][client]
+        s = self._noise_scale(batch_size)
+        if s:
+            q, p, dt = self.y_dim, self.x_dim, self.dtype
+            h = h + s * _sym(rnd.normal(rnd.fold_in(key, 0), (q, q), dt))
+            j = j + s * rnd.normal(rnd.fold_in(key, 1), (q, p), dt)
+            c = c + s * rnd.normal(rnd.fold_in(key, 2), (q,), dt)
+        return {"H": h, "J": j, "c": c}
+
+    def outer_batch(self, data, client, key, batch_size):
+        d = data["d"][client]
+        xi = torch.zeros(self.x_dim, dtype=self.dtype, device=d.device)
+        s = self._noise_scale(batch_size)
+        if s:
+            d = d + s * rnd.normal(rnd.fold_in(key, 3), (self.y_dim,), self.dtype)
+            xi = s * rnd.normal(rnd.fold_in(key, 4), (self.x_dim,), self.dtype)
+        return {"d": d, "xi": xi}
+
+    def inner_loss(self, x, y, batch):
+        return 0.5 * y @ (batch["H"] @ y) - y @ (batch["J"] @ x + batch["c"])
+
+    def outer_loss(self, x, y, batch):
+        r = y - batch["d"]
+        val = 0.5 * r @ r + 0.5 * self.lam * x @ x + batch["xi"] @ x
+        if self.cos_weight:
+            val = val + self.cos_weight * torch.cos(x).sum()
+        return val
+
+    def lower_smoothness(self) -> float:
+        return self._client_lmax
+
+    # ---- closed forms (float64) ----------------------------------------------------------
+    def y_star(self, x: torch.Tensor) -> torch.Tensor:
+        r""":math:`y^*(x) = H^{-1}(Jx + c)`."""
+        return self.H_inv @ (self.J @ x.to(torch.float64) + self.c)
+
+    def hypergrad(self, x: torch.Tensor) -> torch.Tensor:
+        r""":math:`\nabla\Phi(x)`."""
+        x = x.to(torch.float64)
+        g = self.lam * x + self.J.T @ (self.H_inv @ (self.y_star(x) - self.d))
+        if self.cos_weight:
+            g = g - self.cos_weight * torch.sin(x)
+        return g
+
+    def phi(self, x: torch.Tensor) -> torch.Tensor:
+        r""":math:`\Phi(x) = f(x, y^*(x))`."""
+        x = x.to(torch.float64)
+        r = self.y_star(x) - self.d
+        val = 0.5 * r @ r + 0.5 * self.lam * x @ x
+        if self.cos_weight:
+            val = val + self.cos_weight * torch.cos(x).sum()
+        return val
+
+    def x_star(self) -> torch.Tensor:
+        r"""The minimiser of :math:`\Phi` (only for ``cos_weight = 0``, where :math:`\Phi` is convex)."""
+        check(self.cos_weight == 0, "x_star has a closed form only for cos_weight = 0")
+        a = self.H_inv @ self.J
+        rhs = a.T @ (self.H_inv @ self.c - self.d)
+        return -torch.linalg.solve(a.T @ a + self.lam * torch.eye(self.x_dim, dtype=torch.float64), rhs)
+
+    def metrics(self, x, y):
+        x64, y64 = x.detach().to("cpu", torch.float64), y.detach().to("cpu", torch.float64)
+        out = {
+            "hypergrad_norm_sq": float(self.hypergrad(x64).square().sum()),
+            "inner_error": float((y64 - self.y_star(x64)).square().sum()),
+            "phi": float(self.phi(x64)),
+        }
+        if self.cos_weight == 0:
+            out["x_error"] = float((x64 - self.x_star()).square().sum())
+        return out
+
+
+@PROBLEMS.register("quadratic")
+def quadratic(
+    context: ProblemContext,
+    /,
+    *,
+    x_dim: int = 10,
+    y_dim: int = 10,
+    mu: float = 1.0,
+    L: float = 4.0,
+    delta: float = 0.5,
+    sigma: float = 0.0,
+    lam: float = 0.1,
+    cos_weight: float = 0.0,
+) -> QuadraticBilevel:
+    """The heterogeneous quadratic bilevel problem (module docstring).
+
+    Args:
+        x_dim, y_dim: dimensions p and q.
+        mu, L: every client's lower Hessian has eigenvalues in [mu, L].
+        delta: heterogeneity (0: identical clients).
+        sigma: oracle noise standard deviation at batch size 1.
+        lam: upper-level ridge lambda (> 0 makes x* unique).
+        cos_weight: weight w of the nonconvex term w * sum(cos x).
+    """
+    check(context.data is None, "problem 'quadratic' is synthetic and takes no [data] / [partition] tables")
+    check(x_dim >= 1 and y_dim >= 1, f"problem.params x_dim and y_dim must be >= 1, got {x_dim}, {y_dim}")
+    check(0 < mu <= L, f"problem.params needs 0 < mu <= L, got mu={mu}, L={L}")
+    check(delta >= 0, f"problem.params.delta must be >= 0, got {delta}")
+    check(sigma >= 0, f"problem.params.sigma must be >= 0, got {sigma}")
+    check(lam >= 0, f"problem.params.lam must be >= 0, got {lam}")
+    return QuadraticBilevel(
+        clients=context.clients, x_dim=x_dim, y_dim=y_dim, mu=mu, L=L, delta=delta, sigma=sigma,
+        lam=lam, cos_weight=cos_weight, seed=context.seed, dtype=context.dtype, device=context.device,
+    )
