@@ -24,14 +24,14 @@ import numpy as np
 import torch
 
 from fedopt import random as rnd
-from fedopt.algorithms.base import FederatedAlgorithm, Iterate, Replies, Round, numel
+from fedopt.algorithms.base import FederatedAlgorithm, Iterate, Program, Replies, Round, numel
 from fedopt.config import RunConfig
 from fedopt.engines.base import AbstractEngine
 from fedopt.errors import ConfigError, check
 from fedopt.problems.base import AbstractBilevelProblem, ProblemContext
 from fedopt.registry import ALGORITHMS, DATASETS, ENGINES, PARTITIONERS, PROBLEMS
 
-__all__ = ["Built", "Counters", "RunResult", "build", "client_keys", "execute", "records_frame", "sample_clients", "simulate"]
+__all__ = ["Built", "Counters", "RunResult", "Server", "build", "client_keys", "execute", "records_frame", "sample_clients", "simulate"]
 
 _SAMPLE, _CLIENT, _SERVER = 1, 2, 3
 
@@ -87,6 +87,48 @@ def _finite(metrics: dict[str, float], *tensors: torch.Tensor) -> bool:
     return all(math.isfinite(v) for v in metrics.values()) and all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+class Server:
+    """Carries out the rounds a server program asks for: samples the cohort, derives the keys,
+    calls the engine and keeps the communication and oracle accounts."""
+
+    def __init__(self, problem: AbstractBilevelProblem, engine: AbstractEngine, seed: int) -> None:
+        self.problem, self.engine = problem, engine
+        root = rnd.key_host(seed)
+        self.sample_stream = rnd.fold_in_host(root, _SAMPLE)
+        self.client_stream = rnd.fold_in_host(root, _CLIENT)
+        self.server_key = torch.as_tensor(rnd.fold_in_host(root, _SERVER)[0], device=problem.device)
+        self.counters = Counters()
+
+    def dispatch(self, msg: Round) -> Replies:
+        """Run one communication round."""
+        r, device, num = self.counters.comm_rounds, self.problem.device, self.problem.num_clients
+        if isinstance(msg.cohort, torch.Tensor):
+            ids_np = msg.cohort.cpu().numpy()
+        else:
+            check(msg.replace or msg.cohort <= num, f"cannot sample {msg.cohort} of {num} clients without replacement")
+            ids_np = sample_clients(rnd.fold_in_host(self.sample_stream, r), num, msg.cohort, msg.replace)
+        ids = torch.as_tensor(ids_np, device=device)
+        keys = torch.as_tensor(client_keys(self.client_stream, r, ids_np), device=device)
+        values = self.engine.map_clients(msg.task, msg.payload, msg.client_payload, ids, keys)
+        c = self.counters
+        c.comm_rounds += 1
+        c.floats_down += len(ids_np) * numel(msg.payload) + numel(msg.client_payload)
+        c.floats_up += numel(values)
+        for kind, calls in msg.task.oracle_calls.items():
+            c.oracle_calls[kind] = c.oracle_calls.get(kind, 0) + len(ids_np) * calls
+        return Replies(values, ids)
+
+    def drive(self, program: Program) -> Any:
+        """Run a (sub-)program that yields only rounds; return its return value."""
+        try:
+            msg = next(program)
+            while True:
+                check(isinstance(msg, Round), "drive() runs programs that yield rounds only")
+                msg = program.send(self.dispatch(msg))
+        except StopIteration as stop:
+            return stop.value
+
+
 def simulate(
     problem: AbstractBilevelProblem,
     algorithm: FederatedAlgorithm,
@@ -98,46 +140,25 @@ def simulate(
     on_iterate: Callable[[int], None] | None = None,
 ) -> RunResult:
     """Run ``algorithm`` for ``rounds`` outer iterations and measure every ``eval_every``."""
-    device = problem.device
-    root = rnd.key_host(seed)
-    sample_stream, client_stream = rnd.fold_in_host(root, _SAMPLE), rnd.fold_in_host(root, _CLIENT)
-    server_stream = torch.as_tensor(rnd.fold_in_host(root, _SERVER)[0], device=device)
-    counters = Counters()
+    server = Server(problem, engine, seed)
     records: list[tuple[int, int, str, float]] = []
-    x0, y0 = problem.init()
-    program = algorithm.program(problem, x0, y0, rounds, server_stream)
+    x, y = problem.init()
+    program = algorithm.program(problem, x, y, rounds, server.server_key)
     status, diverged_round = "finished", None
-    x, y = x0, y0
     try:
         msg = next(program)
     except StopIteration:
         msg = None
     while msg is not None:
         if isinstance(msg, Round):
-            r = counters.comm_rounds
-            if isinstance(msg.cohort, torch.Tensor):
-                ids_np = msg.cohort.cpu().numpy()
-            else:
-                check(msg.replace or msg.cohort <= problem.num_clients,
-                      f"cannot sample {msg.cohort} of {problem.num_clients} clients without replacement")
-                ids_np = sample_clients(rnd.fold_in_host(sample_stream, r), problem.num_clients, msg.cohort, msg.replace)
-            ids = torch.as_tensor(ids_np, device=device)
-            keys = torch.as_tensor(client_keys(client_stream, r, ids_np), device=device)
-            values = engine.map_clients(msg.task, msg.payload, msg.client_payload, ids, keys)
-            m = len(ids_np)
-            counters.comm_rounds += 1
-            counters.floats_down += m * numel(msg.payload) + numel(msg.client_payload)
-            counters.floats_up += numel(values)
-            for kind, calls in msg.task.oracle_calls.items():
-                counters.oracle_calls[kind] = counters.oracle_calls.get(kind, 0) + m * calls
-            reply: Replies | None = Replies(values, ids)
+            reply: Replies | None = server.dispatch(msg)
         elif isinstance(msg, Iterate):
             reply = None
             x, y = msg.x, msg.y
             finite = bool(torch.isfinite(x).all() and torch.isfinite(y).all())
             if msg.k % eval_every == 0 or msg.k == rounds or not finite:
-                metrics = {**problem.metrics(x, y), **counters.as_metrics()} if finite else {}
-                records += [(msg.k, counters.comm_rounds, k, v) for k, v in metrics.items()]
+                metrics = {**problem.metrics(x, y), **server.counters.as_metrics()} if finite else {}
+                records += [(msg.k, server.counters.comm_rounds, k, v) for k, v in metrics.items()]
                 if not finite or not _finite(metrics):
                     status, diverged_round = "diverged", msg.k
                     break
@@ -150,7 +171,7 @@ def simulate(
         except StopIteration:
             msg = None
     program.close()
-    return RunResult(records, status, diverged_round, x, y, counters)
+    return RunResult(records, status, diverged_round, x, y, server.counters)
 
 
 @dataclass
