@@ -111,7 +111,7 @@ def uniform(k: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.
     n = math.prod(shape)
     bits = _srl(_bits(k, n), 11) & _MASK53
     u = (bits.to(torch.float64) + 0.5) * (2.0**-53)
-    return u.reshape(*k.shape, *shape).to(dtype)
+    return u.reshape(tuple(k.shape) + tuple(shape)).to(dtype)
 
 
 def normal(k: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -119,7 +119,7 @@ def normal(k: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.f
     n = math.prod(shape)
     u = uniform(k, (2, n), dtype=torch.float64)
     z = torch.sqrt(-2.0 * torch.log(u[..., 0, :])) * torch.cos((2.0 * math.pi) * u[..., 1, :])
-    return z.reshape(*k.shape, *shape).to(dtype)
+    return z.reshape(tuple(k.shape) + tuple(shape)).to(dtype)
 
 
 def randint(k: torch.Tensor, high: int | torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -127,7 +127,7 @@ def randint(k: torch.Tensor, high: int | torch.Tensor, shape: tuple[int, ...]) -
     u = uniform(k, shape, dtype=torch.float64)
     high_t = torch.as_tensor(high, device=k.device)
     if high_t.dim() > 0:  # one bound per key: align with the key's batch dimensions
-        high_t = high_t.reshape(*high_t.shape, *([1] * len(shape)))
+        high_t = high_t.reshape(tuple(high_t.shape) + (1,) * len(shape))
     return torch.minimum((u * high_t).to(torch.int64), high_t.to(torch.int64) - 1)
 
 

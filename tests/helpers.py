@@ -1,0 +1,31 @@
+"""Small configs and builders shared by the tests (importable: pytest puts tests/ on the path)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from fedopt.config import load_config
+from fedopt.runner import Built, build
+
+
+def quadratic_config(*, clients: int = 8, rounds: int = 20, seed: int = 0, problem: dict | None = None,
+                     algorithm: str = "fedmbo", params: dict | None = None, engine: str = "vmap",
+                     eval_every: int = 1) -> dict[str, Any]:
+    """A float64 FedMBO-on-quadratic config; ``problem`` / ``params`` update the defaults."""
+    prob = {"x_dim": 4, "y_dim": 3, "mu": 1.0, "L": 4.0, "delta": 0.5, "sigma": 0.0, "lam": 0.1}
+    prob.update(problem or {})
+    alg = {"outer_lr": 0.5, "inner_lr": 0.25, "neumann_lr": 0.25, "neumann_terms": 10, "inner_steps": 3,
+           "clients_per_round": clients}
+    alg.update(params or {})
+    return {"seed": seed, "clients": clients, "rounds": rounds, "eval_every": eval_every, "dtype": "float64",
+            "problem": {"name": "quadratic", "params": prob},
+            "algorithm": {"name": algorithm, "params": alg}, "engine": {"name": engine}}
+
+
+def built(raw: dict[str, Any]) -> Built:
+    return build(load_config(copy.deepcopy(raw)))
+
+
