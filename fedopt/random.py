@@ -36,7 +36,6 @@ __all__ = [
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15
 _M1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
 _M2 = -7723592293110705685  # 0x94D049BB133111EB
-_MASK53 = (1 << 53) - 1
 
 
 def _srl(z: torch.Tensor, s: int) -> torch.Tensor:
@@ -109,7 +108,7 @@ def _bits(k: torch.Tensor, n: int) -> torch.Tensor:
 def uniform(k: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Uniform numbers in the open interval (0, 1), 53 random bits each."""
     n = math.prod(shape)
-    bits = _srl(_bits(k, n), 11) & _MASK53
+    bits = _srl(_bits(k, n), 11)  # the top 53 bits
     u = (bits.to(torch.float64) + 0.5) * (2.0**-53)
     return u.reshape(tuple(k.shape) + tuple(shape)).to(dtype)
 
@@ -123,12 +122,15 @@ def normal(k: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.f
 
 
 def randint(k: torch.Tensor, high: int | torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Integers uniform on ``{0, ..., high - 1}``; ``high`` may be a (batched) tensor."""
-    u = uniform(k, shape, dtype=torch.float64)
-    high_t = torch.as_tensor(high, device=k.device)
+    """Integers uniform on ``{0, ..., high - 1}``; ``high`` may be a (batched) tensor.
+
+    The top 63 random bits modulo ``high`` (bias below ``high / 2**63``)."""
+    n = math.prod(shape)
+    high_t = torch.as_tensor(high, dtype=torch.int64, device=k.device)
     if high_t.dim() > 0:  # one bound per key: align with the key's batch dimensions
         high_t = high_t.reshape(tuple(high_t.shape) + (1,) * len(shape))
-    return torch.minimum((u * high_t).to(torch.int64), high_t.to(torch.int64) - 1)
+    bits = _srl(_bits(k, n), 1).reshape(tuple(k.shape) + tuple(shape))
+    return torch.remainder(bits, high_t)
 
 
 def permutation(k: torch.Tensor, n: int) -> torch.Tensor:

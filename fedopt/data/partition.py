@@ -9,7 +9,7 @@ user gets for the same parameters and seed.
 ==================  ==============================================  =============================
 scheme              meaning                                         flwr-datasets partitioner
 ==================  ==============================================  =============================
-``iid``             uniform random equal split                      ``IidPartitioner``
+``iid``             uniform random equal split                      ``IidPartitioner`` (as sizes)
 ``dirichlet``       per-class proportions ~ Dirichlet(alpha)        ``DirichletPartitioner``
                     (Hsu et al., 2019); small alpha = more skew
 ``shards``          sort by label, cut into shards, k per client    ``ShardPartitioner``
@@ -44,12 +44,22 @@ def _hf_dataset(labels: np.ndarray, seed: int | None):
     return ds.shuffle(seed=seed) if seed is not None else ds
 
 
-def _run(partitioner, ds, num_clients: int) -> list[np.ndarray]:
-    partitioner.dataset = ds
+def _run(partitioner, ds, num_clients: int, *, fast: bool = True) -> list[np.ndarray]:
+    """The ``idx`` column of every partition. Flower materialises each partition with
+    ``Dataset.select`` (seconds for 1,000 clients), so when the partitioner has computed its
+    partition -> row assignment (``_partition_id_to_indices``, flwr-datasets 0.6) we read it once;
+    ``tests/data/test_partition.py`` checks that this equals the public per-partition path."""
+    partitioner.dataset = ds.with_format("arrow")  # columns as Arrow arrays: no per-row formatting
     try:
         with warnings.catch_warnings():  # Dirichlet resampling retries warn; failure raises below
             warnings.simplefilter("ignore")
-            return [np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64) for i in range(num_clients)]
+            first = np.asarray(partitioner.load_partition(0)["idx"], dtype=np.int64)
+            assignment = getattr(partitioner, "_partition_id_to_indices", None) if fast else None
+            if isinstance(assignment, dict) and len(assignment) == num_clients:
+                column = np.asarray(partitioner.dataset["idx"], dtype=np.int64)
+                return [column[np.asarray(assignment[i], dtype=np.int64)] for i in range(num_clients)]
+            rest = [np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64) for i in range(1, num_clients)]
+            return [first, *rest]
     except ValueError as e:  # flwr-datasets reports infeasible specifications as ValueError
         raise ConfigError(f"partition is infeasible for {num_clients} clients: {str(e).splitlines()[0]}") from None
 
@@ -64,10 +74,15 @@ def _partitioners():
 
 @PARTITIONERS.register("iid")
 def iid() -> Partition:
-    """Uniformly random, equal-size split."""
+    """Uniformly random, equal-size split: contiguous blocks of the seeded shuffle, the first
+    ``n % num_clients`` one row larger. This is exactly Flower's ``IidPartitioner`` (tested), run as
+    a ``SizePartitioner`` so the assignment is read in one go."""
 
     def partition(labels: np.ndarray, num_clients: int, seed: int) -> list[np.ndarray]:
-        return _run(_partitioners().IidPartitioner(num_partitions=num_clients), _hf_dataset(labels, seed), num_clients)
+        n = len(labels)
+        check(n >= num_clients, f"partition iid needs at least one sample per client: {n} samples for {num_clients} clients")
+        sizes = [n // num_clients + (i < n % num_clients) for i in range(num_clients)]
+        return _run(_partitioners().SizePartitioner(partition_sizes=sizes), _hf_dataset(labels, seed), num_clients)
 
     return partition
 

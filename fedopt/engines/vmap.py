@@ -25,15 +25,11 @@ class VmapEngine(AbstractEngine):
     def __init__(self, problem, chunk_size: int | None = None) -> None:
         super().__init__(problem)
         self.chunk_size = chunk_size
-        self._cache: dict[tuple[Any, bool], Any] = {}  # keyed by the function itself (no id reuse)
 
     def map_clients(self, task: Task, payload: Any, client_payload: Any, clients: torch.Tensor,
                     keys: torch.Tensor) -> Any:
-        per_client = client_payload is not None
-        fn = self._cache.get((task.fn, per_client))
-        if fn is None:
-            fn = vmap(task.fn, in_dims=(None, 0 if per_client else None, None, 0, 0), chunk_size=self.chunk_size)
-            self._cache[(task.fn, per_client)] = fn
+        in_dims = (None, 0 if client_payload is not None else None, None, 0, 0)
+        fn = vmap(task.fn, in_dims=in_dims, chunk_size=self.chunk_size)  # a wrapper: cheap to create
         return fn(payload, client_payload, self.problem.data, clients, keys)
 
 

@@ -79,3 +79,23 @@ def test_bad_partition_parameters(bad):
 def test_infeasible_partition_is_a_config_error(labels):
     with pytest.raises(ConfigError, match="infeasible|needs"):
         quantity_skew(min_partition_size=200)(labels, 20, 0)
+
+
+@pytest.mark.parametrize("name", ["dirichlet", "shards", "quantity_skew"])
+def test_fast_assignment_read_equals_flowers_public_path(labels, name, monkeypatch):
+    from fedopt.data import partition as P
+
+    fast = SCHEMES[name](labels, 12, 3)
+    slow_run = P._run
+    monkeypatch.setattr(P, "_run", lambda p, ds, n: slow_run(p, ds, n, fast=False))
+    slow = SCHEMES[name](labels, 12, 3)
+    assert all(np.array_equal(a, b) for a, b in zip(fast, slow))
+
+
+def test_iid_equals_flowers_iid_partitioner(labels):
+    from fedopt.data import partition as P
+
+    p = P._partitioners().IidPartitioner(num_partitions=13)
+    expected = P._run(p, P._hf_dataset(labels, 5), 13, fast=False)
+    got = iid()(labels, 13, 5)
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected))
