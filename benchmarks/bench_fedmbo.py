@@ -89,6 +89,7 @@ BATCH = 32
 INNER_STEPS = 5
 NEUMANN_TERMS = 5
 LR = 0.1
+FEATURES, CLASSES = 50, 2  # --features / --classes (e.g. 784 and 10 for an MNIST-sized model)
 ROUNDS_PER_ITER = INNER_STEPS + 1 + (NEUMANN_TERMS - 1) + 1  # FedMBO, truncation="full"
 
 
@@ -98,7 +99,7 @@ def config_dict(m: int, dtype: str = "float32", *, engine: str = "vmap", hvp_mod
     return {
         "problem": {"name": "regularization_selection"},
         "data": {"name": "synthetic",
-                 "params": {"samples": 60000, "features": 50, "classes": 2, "informative": 10},
+                 "params": {"samples": 60000, "features": FEATURES, "classes": CLASSES, "informative": 10},
                  "val_fraction": 0.2},
         "partition": {"name": "iid"},
         "clients": N_CLIENTS,
@@ -459,8 +460,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target-s", type=float, default=None, help="seconds per timed run; default 3, quick 0.3")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave torch's default)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--features", type=int, default=50, help="input features d (default 50)")
+    ap.add_argument("--classes", type=int, default=2, help="classes C (default 2)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "fedmbo_rounds.json"))
     args = ap.parse_args(argv)
+    globals().update(FEATURES=args.features, CLASSES=args.classes)
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (1 if args.quick else 3)
