@@ -1,8 +1,9 @@
 """The ``fedopt`` command.
 
 ``fedopt run CONFIG [--set key=value ...] [--out DIR] [--quiet]`` runs one config and writes a run
-folder. Bad input (config, values, files, arguments) prints one line ``fedopt: error: ...`` and
-exits with code 2, before anything is written.
+folder. Exit codes: 0 finished; 2 bad input (config, values, files, arguments: one line
+``fedopt: error: ...`` on stderr, nothing written); 3 the run diverged (NaN/inf; the folder records
+the round); 130 interrupted.
 """
 
 from __future__ import annotations
