@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 __all__ = ["plot_convergence", "plot_run"]
@@ -39,6 +40,11 @@ def plot_convergence(df: pd.DataFrame, metric: str, *, x: str = "round", ax=None
 
 def plot_run(df: pd.DataFrame, path: str | Path, *, title: str = "") -> Path:
     """The standard panels of one run (those of ``_PANELS`` it has), written to ``path``."""
+    with np.errstate(over="ignore", invalid="ignore"):  # log axes of a diverged run overflow exp()
+        return _plot_run(df, Path(path), title)
+
+
+def _plot_run(df: pd.DataFrame, path: Path, title: str) -> Path:
     metrics = [m for m in _PANELS if m in set(df.metric)]
     if not metrics:
         metrics = sorted(set(df.metric) - {"comm_rounds", "floats_up", "floats_down"})[:1]
@@ -52,7 +58,6 @@ def plot_run(df: pd.DataFrame, path: str | Path, *, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{path.suffix}")  # atomic: never a half-written figure
     fig.savefig(tmp, dpi=120)
     plt.close(fig)

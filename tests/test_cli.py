@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import tomli_w
@@ -89,3 +90,17 @@ def test_the_installed_command_exits_2_without_a_traceback(config, tmp_path):
     assert r.returncode == 2
     assert r.stderr == "fedopt: error: rounds must be >= 0, got -3\n"
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_diverging_run_is_recorded_with_its_round_and_exit_code_3(config, tmp_path, capsys):
+    out = tmp_path / "boom"
+    code = main(["run", str(config), "--out", str(out), "--quiet", "--set", "algorithm.params.outer_lr=1e6",
+                 "--set", "rounds=40", "--set", "eval_every=1"])
+    assert code == 3
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["status"] == "diverged" and 1 <= meta["diverged_round"] <= 40
+    df = pd.read_csv(out / "metrics.csv")
+    # rows stop at the diverged round (it keeps its row when x, y were finite but a metric overflowed)
+    assert df["round"].max() <= meta["diverged_round"]
+    assert not np.isfinite(df[df["round"] == df["round"].max()].value).all() or df["round"].max() < meta["diverged_round"]
+    assert "diverged" in capsys.readouterr().out
