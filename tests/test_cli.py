@@ -104,3 +104,21 @@ def test_a_diverging_run_is_recorded_with_its_round_and_exit_code_3(config, tmp_
     assert df["round"].max() <= meta["diverged_round"]
     assert not np.isfinite(df[df["round"] == df["round"].max()].value).all() or df["round"].max() < meta["diverged_round"]
     assert "diverged" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("partition.params.alpha=0", "partition.params.alpha must be > 0, got 0"),
+    ("partition.params.alpha=-0.1", "partition.params.alpha must be > 0, got -0.1"),
+    ("data.name=cifar10", "unknown dataset 'cifar10'; available: digits, fashion_mnist, mnist5k, synthetic"),
+])
+def test_bad_data_input_exits_2(override, message, tmp_path, capsys):
+    raw = quadratic_config()
+    raw["problem"] = {"name": "hyper_cleaning"}
+    raw["data"] = {"name": "digits"}
+    raw["partition"] = {"name": "dirichlet", "params": {"alpha": 0.5}}
+    cfg = tmp_path / "hc.toml"
+    cfg.write_text(tomli_w.dumps(raw))
+    before = _snapshot(tmp_path)
+    assert main(["run", str(cfg), "--out", str(tmp_path / "x"), "--quiet", "--set", override]) == 2
+    assert capsys.readouterr().err == f"fedopt: error: {message}\n"
+    assert _snapshot(tmp_path) == before
