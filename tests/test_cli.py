@@ -107,7 +107,7 @@ def test_a_diverging_run_is_recorded_with_its_round_and_exit_code_3(config, tmp_
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("partition.params.alpha=0", "partition.params.alpha must be > 0, got 0"),
+    ("partition.params.alpha=0", "partition.params.alpha must be > 0, got 0.0"),
     ("partition.params.alpha=-0.1", "partition.params.alpha must be > 0, got -0.1"),
     ("data.name=cifar10", "unknown dataset 'cifar10'; available: digits, fashion_mnist, mnist5k, synthetic"),
 ])
