@@ -49,7 +49,7 @@ from typing import Any, Literal
 from fedopt.errors import ConfigError, check
 from fedopt.registry import ALGORITHMS, DATASETS, ENGINES, PARTITIONERS, PROBLEMS, Registry
 
-__all__ = ["Component", "DataConfig", "RunConfig", "apply_overrides", "load_config", "parse_config"]
+__all__ = ["Component", "DataConfig", "RunConfig", "TopologyConfig", "apply_overrides", "load_config", "parse_config"]
 
 _DTYPES = ("float32", "float64")
 
@@ -70,6 +70,18 @@ class DataConfig(Component):
 
 
 @dataclass(frozen=True)
+class TopologyConfig(Component):
+    """A gossip topology: a graph (registered name, ``module:function``, ``edgelist`` with
+    ``params.path``, or ``matrix`` with ``params.path`` to a mixing matrix), a mixing rule, an
+    optional time-varying schedule (``{name = "edge_dropout" | "random" | "cycle", params}``) and
+    whether gossip uses a sparse matrix (default: automatic)."""
+
+    mixing: str = "metropolis_hastings"
+    schedule: Mapping[str, Any] | None = None
+    sparse: bool | None = None
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A fully validated run description (see the module docstring)."""
 
@@ -78,6 +90,7 @@ class RunConfig:
     data: DataConfig | None = None
     partition: Component | None = None
     engine: Component = Component("vmap")
+    topology: TopologyConfig | None = None
     clients: int = 10
     rounds: int = 100
     eval_every: int = 1
@@ -88,9 +101,13 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain data (what ``config.toml`` holds); drops empty tables."""
         d = asdict(self)
-        for k in ("data", "partition"):
+        for k in ("data", "partition", "topology"):
             if d[k] is None:
                 del d[k]
+        if "topology" in d:
+            for k in ("schedule", "sparse"):
+                if d["topology"][k] is None:
+                    del d["topology"][k]
         for comp in d.values():
             if isinstance(comp, dict):
                 comp["params"] = dict(comp["params"])
@@ -170,9 +187,41 @@ def _component(raw: Any, key: str, registry: Registry[Any], extra: tuple[str, ..
 
 
 _TOP = {
-    "problem", "algorithm", "data", "partition", "engine", "clients", "rounds", "eval_every", "seed",
+    "problem", "algorithm", "data", "partition", "engine", "topology", "clients", "rounds", "eval_every", "seed",
     "dtype", "device",
 }
+
+
+def _topology(raw: Any, clients: int | None) -> tuple[TopologyConfig, int | None]:
+    """Parse ``[topology]``; graph parameters are checked when the graph is built."""
+    import topologies
+
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    check(isinstance(raw, Mapping), f"topology must be a table with 'name', got {raw!r}")
+    allowed = ("name", "params", "mixing", "schedule", "sparse", "n")
+    for k in raw:
+        check(k in allowed, f"unknown key topology.{k}; allowed: {', '.join(allowed)}")
+    name = raw.get("name")
+    check(isinstance(name, str) and name != "",
+          f"topology.name must be a graph name; available: {', '.join(topologies.topology_names())}, edgelist, matrix, "
+          "or 'package.module:function'")
+    params = raw.get("params", {})
+    check(isinstance(params, Mapping), f"topology.params must be a table, got {params!r}")
+    mixing = raw.get("mixing", "metropolis_hastings")
+    check(mixing in topologies.MIXING_RULES,
+          f"topology.mixing must be one of {', '.join(sorted(topologies.MIXING_RULES))}, got {mixing!r}")
+    schedule = raw.get("schedule")
+    if schedule is not None:
+        check(isinstance(schedule, Mapping) and set(schedule) <= {"name", "params"} and "name" in schedule,
+              f"topology.schedule must be a table with name (and params), got {schedule!r}")
+    sparse = raw.get("sparse")
+    check(sparse is None or isinstance(sparse, bool), f"topology.sparse must be true/false, got {sparse!r}")
+    n = raw.get("n")
+    if n is not None:
+        check(isinstance(n, int) and not isinstance(n, bool) and n >= 1, f"topology.n must be an integer >= 1, got {n!r}")
+        check(clients is None or clients == n, f"topology.n = {n} differs from clients = {clients}; give one of them")
+    return TopologyConfig(name, dict(params), mixing, dict(schedule) if schedule else None, sparse), n
 
 
 def parse_config(raw: Mapping[str, Any]) -> RunConfig:
@@ -204,6 +253,9 @@ def parse_config(raw: Mapping[str, Any]) -> RunConfig:
         check(data is not None, "a [partition] table needs a [data] table")
         p = _component(raw["partition"], "partition", PARTITIONERS)
         partition = Component(p["name"], p["params"])
+    topology, topo_n = None, None
+    if "topology" in raw:
+        topology, topo_n = _topology(raw["topology"], raw.get("clients"))
     prob = _component(raw["problem"], "problem", PROBLEMS)
     alg = _component(raw["algorithm"], "algorithm", ALGORITHMS)
     eng = _component(raw.get("engine", "vmap"), "engine", ENGINES)
@@ -213,7 +265,8 @@ def parse_config(raw: Mapping[str, Any]) -> RunConfig:
         data=data,
         partition=partition,
         engine=Component(eng["name"], eng["params"]),
-        clients=integer("clients", 10, 1),
+        topology=topology,
+        clients=integer("clients", topo_n or 10, 1),
         rounds=integer("rounds", 100, 0),
         eval_every=integer("eval_every", 1, 1),
         seed=integer("seed", 0, 0),
@@ -243,7 +296,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: list[str]) -> dict[str, A
         node = out
         for k in keys[:-1]:
             nxt = node.get(k)
-            if isinstance(nxt, str) and k in ("engine", "problem", "algorithm", "data", "partition"):
+            if isinstance(nxt, str) and k in ("engine", "problem", "algorithm", "data", "partition", "topology"):
                 nxt = {"name": nxt}  # allow `engine = "vmap"` shorthand to be extended
             if nxt is None:
                 nxt = {}

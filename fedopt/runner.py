@@ -24,14 +24,29 @@ import numpy as np
 import torch
 
 from fedopt import random as rnd
-from fedopt.algorithms.base import FederatedAlgorithm, Iterate, Program, Replies, Round, numel
+from fedopt.algorithms.base import (
+    DecentralizedAlgorithm,
+    FederatedAlgorithm,
+    Gossip,
+    Iterate,
+    LocalStep,
+    NodeIterate,
+    NodeProgram,
+    Program,
+    Replies,
+    Round,
+    Task,
+    numel,
+)
 from fedopt.config import RunConfig
 from fedopt.engines.base import AbstractEngine
 from fedopt.errors import ConfigError, check
+from fedopt.network import Network, build_network
 from fedopt.problems.base import AbstractBilevelProblem, ProblemContext
 from fedopt.registry import ALGORITHMS, DATASETS, ENGINES, PARTITIONERS, PROBLEMS
 
-__all__ = ["Built", "Counters", "RunResult", "Server", "build", "client_keys", "execute", "records_frame", "sample_clients", "simulate"]
+__all__ = ["Built", "Counters", "RunResult", "Server", "build", "client_keys", "execute", "records_frame", "sample_clients", "simulate",
+           "simulate_decentralized"]
 
 _SAMPLE, _CLIENT, _SERVER = 1, 2, 3
 
@@ -43,11 +58,20 @@ class Counters:
     comm_rounds: int = 0
     floats_up: int = 0
     floats_down: int = 0
+    floats_gossiped: int = 0  # decentralized: floats sent over edges (both directions counted)
     oracle_calls: dict[str, int] = field(default_factory=lambda: {"grad": 0, "hvp": 0, "jvp": 0})
+    decentralized: bool = False
+
+    def add_calls(self, task: Task, times: int) -> None:
+        for kind, calls in task.oracle_calls.items():
+            self.oracle_calls[kind] = self.oracle_calls.get(kind, 0) + times * calls
 
     def as_metrics(self) -> dict[str, float]:
-        out = {"comm_rounds": float(self.comm_rounds), "floats_up": float(self.floats_up),
-               "floats_down": float(self.floats_down)}
+        out = {"comm_rounds": float(self.comm_rounds)}
+        if self.decentralized:
+            out["floats_gossiped"] = float(self.floats_gossiped)
+        else:
+            out.update(floats_up=float(self.floats_up), floats_down=float(self.floats_down))
         out.update({f"{k}_calls": float(v) for k, v in self.oracle_calls.items()})
         return out
 
@@ -114,8 +138,7 @@ class Server:
         c.comm_rounds += 1
         c.floats_down += len(ids_np) * numel(msg.payload) + numel(msg.client_payload)
         c.floats_up += numel(values)
-        for kind, calls in msg.task.oracle_calls.items():
-            c.oracle_calls[kind] = c.oracle_calls.get(kind, 0) + len(ids_np) * calls
+        c.add_calls(msg.task, len(ids_np))
         return Replies(values, ids)
 
     def drive(self, program: Program) -> Any:
@@ -174,13 +197,95 @@ def simulate(
     return RunResult(records, status, diverged_round, x, y, server.counters)
 
 
+def _consensus(v: torch.Tensor) -> float:
+    """(1/n) sum_i ||v_i - mean v||^2."""
+    v64 = v.detach().to(torch.float64)
+    return float((v64 - v64.mean(0)).square().sum(-1).mean())
+
+
+def simulate_decentralized(
+    problem: AbstractBilevelProblem,
+    algorithm: DecentralizedAlgorithm,
+    engine: AbstractEngine,
+    network: Network,
+    *,
+    rounds: int,
+    seed: int,
+    eval_every: int = 1,
+    on_iterate: Callable[[int], None] | None = None,
+) -> RunResult:
+    """Run a decentralized algorithm on ``network`` (its nodes are the problem's clients).
+
+    Node steps run every node through the engine (node ``i``'s minibatch key from (seed, step, i));
+    gossip round ``t`` mixes with the network's ``W_t``. Metrics at each evaluation: the problem's
+    metrics at the network averages :math:`(\bar x, \bar y)` and ``consensus_<v>`` =
+    (1/n) sum_i ||v_i - v_bar||^2 for every variable the program reports."""
+    n = network.n
+    check(n == problem.num_clients, f"the topology has {n} nodes but the problem has {problem.num_clients} clients")
+    device = problem.device
+    root = rnd.key_host(seed)
+    step_stream = rnd.fold_in_host(root, _CLIENT)
+    server_key = torch.as_tensor(rnd.fold_in_host(root, _SERVER)[0], device=device)
+    nodes_np = np.arange(n, dtype=np.int64)
+    nodes = torch.as_tensor(nodes_np, device=device)
+    counters = Counters(decentralized=True)
+    records: list[tuple[int, int, str, float]] = []
+    steps = 0
+    x0, y0 = problem.init()
+    program: NodeProgram = algorithm.program(problem, x0, y0, rounds, server_key, n)
+    status, diverged_round = "finished", None
+    x_bar, y_bar = x0, y0
+    try:
+        msg = next(program)
+    except StopIteration:
+        msg = None
+    while msg is not None:
+        if isinstance(msg, LocalStep):
+            keys = torch.as_tensor(client_keys(step_stream, steps, nodes_np), device=device)
+            reply: Any = engine.map_clients(msg.task, msg.payload, msg.state, nodes, keys)
+            counters.add_calls(msg.task, n)
+            steps += 1
+        elif isinstance(msg, Gossip):
+            t = counters.comm_rounds
+            w = network.torch(t, msg.values[0].dtype, device)
+            reply = engine.gossip(w, network.numpy(t), tuple(msg.values))
+            counters.comm_rounds += 1
+            counters.floats_gossiped += network.directed_edges(t) * sum(v[0].numel() for v in msg.values)
+        elif isinstance(msg, NodeIterate):
+            reply = None
+            X, Y = msg.variables["x"], msg.variables["y"]
+            x_bar, y_bar = X.mean(0), Y.mean(0)
+            finite = all(bool(torch.isfinite(v).all()) for v in msg.variables.values())
+            if msg.k % eval_every == 0 or msg.k == rounds or not finite:
+                metrics: dict[str, float] = {}
+                if finite:
+                    metrics = {**problem.metrics(x_bar, y_bar),
+                               **{f"consensus_{name}": _consensus(v) for name, v in msg.variables.items()},
+                               **counters.as_metrics()}
+                records += [(msg.k, counters.comm_rounds, k, v) for k, v in metrics.items()]
+                if not finite or not _finite(metrics):
+                    status, diverged_round = "diverged", msg.k
+                    break
+            if on_iterate is not None:
+                on_iterate(msg.k)
+        else:
+            raise TypeError(f"a decentralized program yielded {type(msg).__name__}")
+        try:
+            msg = program.send(reply)
+        except StopIteration:
+            msg = None
+    program.close()
+    return RunResult(records, status, diverged_round, x_bar, y_bar, counters)
+
+
 @dataclass
 class Built:
     """The components of a config, built and validated."""
 
     problem: AbstractBilevelProblem
-    algorithm: FederatedAlgorithm
+    algorithm: FederatedAlgorithm | DecentralizedAlgorithm
     engine: AbstractEngine
+    network: Network | None = None
 
 
 def _device(name: str) -> torch.device:
@@ -204,9 +309,19 @@ def build(cfg: RunConfig) -> Built:
     device = _device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
     algorithm = ALGORITHMS.get(cfg.algorithm.name)(**cfg.algorithm.params)
-    check(algorithm.replace or algorithm.clients_per_round <= cfg.clients,
-          f"algorithm.params.clients_per_round = {algorithm.clients_per_round} exceeds clients = {cfg.clients}; "
-          f"allowed: 1..{cfg.clients} (or replace = true)")
+    network = None
+    if isinstance(algorithm, DecentralizedAlgorithm):
+        check(cfg.topology is not None,
+              f"algorithm {cfg.algorithm.name!r} is decentralized and needs a [topology] table (e.g. name = \"ring\")")
+        assert cfg.topology is not None
+        network = build_network(cfg.topology.name, cfg.clients, seed=cfg.seed, params=dict(cfg.topology.params),
+                                mixing=cfg.topology.mixing, schedule=cfg.topology.schedule,
+                                sparse=cfg.topology.sparse)
+    else:
+        check(cfg.topology is None, f"algorithm {cfg.algorithm.name!r} is federated; remove the [topology] table")
+        check(algorithm.replace or algorithm.clients_per_round <= cfg.clients,
+              f"algorithm.params.clients_per_round = {algorithm.clients_per_round} exceeds clients = {cfg.clients}; "
+              f"allowed: 1..{cfg.clients} (or replace = true)")
     data = None
     if cfg.data is not None:
         part_cfg = cfg.partition
@@ -217,7 +332,7 @@ def build(cfg: RunConfig) -> Built:
     context = ProblemContext(clients=cfg.clients, seed=cfg.seed, dtype=dtype, device=device, data=data)
     problem = PROBLEMS.get(cfg.problem.name)(context, **cfg.problem.params)
     engine = ENGINES.get(cfg.engine.name)(problem, **cfg.engine.params)
-    return Built(problem, algorithm, engine)
+    return Built(problem, algorithm, engine, network)
 
 
 def execute(cfg: RunConfig, built: Built | None = None, *, progress: bool = False) -> tuple[RunResult, float]:
@@ -232,8 +347,12 @@ def execute(cfg: RunConfig, built: Built | None = None, *, progress: bool = Fals
             bar.refresh()
 
         try:
-            result = simulate(built.problem, built.algorithm, built.engine, rounds=cfg.rounds, seed=cfg.seed,
-                              eval_every=cfg.eval_every, on_iterate=tick if progress else None)
+            common = dict(rounds=cfg.rounds, seed=cfg.seed, eval_every=cfg.eval_every,
+                          on_iterate=tick if progress else None)
+            if built.network is not None:
+                result = simulate_decentralized(built.problem, built.algorithm, built.engine, built.network, **common)
+            else:
+                result = simulate(built.problem, built.algorithm, built.engine, **common)
         finally:
             built.engine.close()
     return result, time.perf_counter() - t0

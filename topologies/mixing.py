@@ -1,49 +1,156 @@
-r"""Mixing matrices of gossip graphs and their spectral gap.
+r"""Mixing matrices of gossip graphs, their spectral gap, and a checker.
 
-A mixing matrix :math:`W` is symmetric, doubly stochastic, nonnegative and supported on the
-graph's edges and the diagonal. Its spectral gap is :math:`1 - \max(|\lambda_2|, |\lambda_n|)`;
-gossip :math:`X \leftarrow W X` contracts the consensus error by that factor's complement.
+A mixing matrix :math:`W` for a graph :math:`G` is symmetric, doubly stochastic, nonnegative and
+supported on :math:`G`'s edges and the diagonal. Its spectral gap is
+:math:`1 - \rho`, :math:`\rho = \max(|\lambda_2|, |\lambda_n|) = \|W - \tfrac1n 11^\top\|_2`;
+one gossip step :math:`X \leftarrow WX` shrinks the disagreement :math:`X - \bar X` by :math:`\rho`.
+
+============================  ===========================================================
+rule                          weights
+============================  ===========================================================
+``metropolis_hastings``       :math:`w_{ij} = 1/(1 + \max(d_i, d_j))` on edges
+``max_degree``                :math:`w_{ij} = 1/(1 + d_{\max})` on edges
+``laplacian``                 :math:`W = I - \alpha L`, default :math:`\alpha = 1/\lambda_{\max}(L)`
+``lazy_metropolis``           :math:`(I + W_{MH})/2`
+============================  ===========================================================
+
+(diagonals make each row sum to one). Each is symmetric and doubly stochastic by construction,
+nonnegative, and has a positive gap on every connected graph (``max_degree`` uses
+:math:`d_{\max} + 1` rather than :math:`d_{\max}` so that bipartite regular graphs, e.g. even rings,
+do not get the eigenvalue :math:`-1`). Dense numpy; :func:`to_torch` gives a dense or sparse torch
+matrix for gossip.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import networkx as nx
 import numpy as np
+import torch
 
-__all__ = ["check_mixing_matrix", "metropolis_hastings_weights", "spectral_gap"]
+from topologies.graphs import TopologyError
+
+__all__ = [
+    "MIXING_RULES",
+    "check_mixing_matrix",
+    "lazy",
+    "laplacian_weights",
+    "max_degree_weights",
+    "metropolis_hastings_weights",
+    "mixing_matrix",
+    "spectral_gap",
+    "to_torch",
+]
 
 
-def metropolis_hastings_weights(g: nx.Graph) -> np.ndarray:
-    r""":math:`W_{ij} = 1/(1 + \max(d_i, d_j))` on edges, :math:`W_{ii} = 1 - \sum_{j \ne i} W_{ij}`."""
-    a = nx.to_numpy_array(g, nodelist=range(g.number_of_nodes()), weight=None)
-    deg = a.sum(1)
-    w = a / (1.0 + np.maximum.outer(deg, deg))
+def _adjacency(g: nx.Graph) -> np.ndarray:
+    return nx.to_numpy_array(g, nodelist=range(g.number_of_nodes()), weight=None)
+
+
+def _with_diagonal(w: np.ndarray) -> np.ndarray:
+    w[np.diag_indices_from(w)] = 0.0
     w[np.diag_indices_from(w)] = 1.0 - w.sum(1)
     return w
 
 
+def metropolis_hastings_weights(g: nx.Graph) -> np.ndarray:
+    r""":math:`w_{ij} = 1/(1 + \max(d_i, d_j))` on edges (Xiao, Boyd and Kim, 2007)."""
+    a = _adjacency(g)
+    deg = a.sum(1)
+    return _with_diagonal(a / (1.0 + np.maximum.outer(deg, deg)))
+
+
+def max_degree_weights(g: nx.Graph) -> np.ndarray:
+    r""":math:`w_{ij} = 1/(1 + d_{\max})` on every edge."""
+    a = _adjacency(g)
+    return _with_diagonal(a / (1.0 + a.sum(1).max(initial=0.0)))
+
+
+def laplacian_weights(g: nx.Graph, alpha: float | None = None) -> np.ndarray:
+    r""":math:`W = I - \alpha L`; ``alpha`` in :math:`(0, 1/d_{\max}]` keeps :math:`W` nonnegative.
+
+    The default :math:`\alpha = 1/\lambda_{\max}(L)` (:math:`\le 1/(d_{\max}+1)` on any graph with an
+    edge) puts the spectrum in :math:`[0, 1]`."""
+    a = _adjacency(g)
+    lap = np.diag(a.sum(1)) - a
+    if alpha is None:
+        lmax = float(np.linalg.eigvalsh(lap)[-1]) if len(a) > 1 else 0.0
+        alpha = 1.0 / lmax if lmax > 0 else 0.0
+    else:
+        dmax = a.sum(1).max(initial=0.0)
+        if not (0 < alpha <= (1.0 / dmax if dmax else np.inf)):
+            raise TopologyError(f"laplacian: alpha must be in (0, 1/d_max = {1 / dmax if dmax else np.inf:.4g}], got {alpha}")
+    return np.eye(len(a)) - alpha * lap
+
+
+def lazy(w: np.ndarray, beta: float = 0.5) -> np.ndarray:
+    r""":math:`\beta I + (1 - \beta) W` (``beta = 1/2``: the lazy walk :math:`(I + W)/2`)."""
+    if not 0 <= beta < 1:
+        raise TopologyError(f"lazy: beta must be in [0, 1), got {beta}")
+    return beta * np.eye(len(w)) + (1.0 - beta) * w
+
+
+MIXING_RULES: dict[str, Callable[[nx.Graph], np.ndarray]] = {
+    "metropolis_hastings": metropolis_hastings_weights,
+    "max_degree": max_degree_weights,
+    "laplacian": laplacian_weights,
+    "lazy_metropolis": lambda g: lazy(metropolis_hastings_weights(g)),
+}
+
+
+def mixing_matrix(g: nx.Graph, rule: str = "metropolis_hastings") -> np.ndarray:
+    """The mixing matrix of ``g`` under ``rule`` (a key of :data:`MIXING_RULES`)."""
+    if rule not in MIXING_RULES:
+        raise TopologyError(f"unknown mixing rule {rule!r}; available: {', '.join(sorted(MIXING_RULES))}")
+    return MIXING_RULES[rule](g)
+
+
 def spectral_gap(w: np.ndarray) -> float:
-    r""":math:`1 - \max(|\lambda_2|, |\lambda_n|)` of a symmetric mixing matrix (1 for n = 1)."""
-    ev = np.sort(np.linalg.eigvalsh(w))
+    r""":math:`1 - \max(|\lambda_2|, |\lambda_n|)` of a symmetric mixing matrix (1 for a single node)."""
+    ev = np.linalg.eigvalsh(np.asarray(w, dtype=float))
     if len(ev) == 1:
         return 1.0
     return float(1.0 - max(abs(ev[-2]), abs(ev[0])))
 
 
-def check_mixing_matrix(w: np.ndarray, g: nx.Graph | None = None, *, atol: float = 1e-10) -> None:
-    """Raise :class:`ValueError` naming the first property ``w`` violates."""
+def check_mixing_matrix(w: np.ndarray, g: nx.Graph | None = None, *, atol: float = 1e-10,
+                        require_gap: bool = True) -> None:
+    """Raise :class:`TopologyError` naming the first property ``w`` violates.
+
+    Symmetric, rows (hence columns) summing to one, nonnegative, supported on ``g``'s edges and the
+    diagonal (when ``g`` is given) and, unless ``require_gap=False``, a positive spectral gap."""
     w = np.asarray(w, dtype=float)
-    if w.ndim != 2 or w.shape[0] != w.shape[1]:
-        raise ValueError(f"mixing matrix must be square, got shape {w.shape}")
-    if not np.allclose(w, w.T, atol=atol):
-        raise ValueError("mixing matrix is not symmetric")
-    if (w < -atol).any():
-        raise ValueError("mixing matrix has negative entries")
-    if not np.allclose(w.sum(1), 1.0, atol=atol):
-        raise ValueError("mixing matrix rows do not sum to 1 (not doubly stochastic)")
+    if w.ndim != 2 or w.shape[0] != w.shape[1] or w.shape[0] == 0:
+        raise TopologyError(f"mixing matrix must be square and non-empty, got shape {w.shape}")
+    if not np.isfinite(w).all():
+        raise TopologyError("mixing matrix has non-finite entries")
+    asym = float(np.abs(w - w.T).max())
+    if asym > atol:
+        raise TopologyError(f"mixing matrix is not symmetric (max |W - W^T| = {asym:.3g})")
+    if float(w.min()) < -atol:
+        raise TopologyError(f"mixing matrix has a negative entry ({float(w.min()):.3g})")
+    rows = float(np.abs(w.sum(1) - 1.0).max())
+    if rows > atol:
+        raise TopologyError(f"mixing matrix is not doubly stochastic (a row sums to 1 {'+' if w.sum(1).max() > 1 else '-'} {rows:.3g})")
     if g is not None:
-        allowed = nx.to_numpy_array(g, nodelist=range(len(w)), weight=None) + np.eye(len(w))
-        if (np.abs(w[allowed == 0]) > atol).any():
-            raise ValueError("mixing matrix has weight on a pair of nodes that is not an edge")
-    if spectral_gap(w) <= atol:
-        raise ValueError("mixing matrix has spectral gap 0 (the graph is disconnected or W is periodic)")
+        if g.number_of_nodes() != len(w):
+            raise TopologyError(f"mixing matrix is {len(w)}x{len(w)} but the graph has {g.number_of_nodes()} nodes")
+        allowed = _adjacency(g) + np.eye(len(w))
+        bad = np.argwhere((allowed == 0) & (np.abs(w) > atol))
+        if len(bad):
+            i, j = bad[0]
+            raise TopologyError(f"mixing matrix puts weight on ({i}, {j}), which is not an edge of the graph")
+    if require_gap and spectral_gap(w) <= atol:
+        raise TopologyError("mixing matrix has spectral gap 0: its graph is disconnected (or W is periodic)")
+
+
+def to_torch(w: np.ndarray, *, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu",
+             sparse: bool | None = None) -> torch.Tensor:
+    """``w`` as a torch matrix for gossip; sparse CSR when ``sparse`` (default: n > 256 and
+    at most 10 % nonzeros), dense otherwise."""
+    n = len(w)
+    if sparse is None:
+        sparse = n > 256 and np.count_nonzero(w) <= 0.1 * n * n
+    t = torch.as_tensor(np.asarray(w), dtype=dtype, device=device)
+    return t.to_sparse_csr() if sparse else t

@@ -1,6 +1,32 @@
 """Algorithms: *how* a problem is optimised. Pure tensor code with no engine knowledge."""
 
-from fedopt.algorithms import federated
-from fedopt.algorithms.base import FederatedAlgorithm, Iterate, Program, Replies, Round, Task, numel
+from fedopt.algorithms import decentralized, federated
+from fedopt.algorithms.base import (
+    DecentralizedAlgorithm,
+    FederatedAlgorithm,
+    Gossip,
+    Iterate,
+    LocalStep,
+    NodeIterate,
+    Program,
+    Replies,
+    Round,
+    Task,
+    numel,
+)
 
-__all__ = ["FederatedAlgorithm", "Iterate", "Program", "Replies", "Round", "Task", "federated", "numel"]
+__all__ = [
+    "DecentralizedAlgorithm",
+    "FederatedAlgorithm",
+    "Gossip",
+    "Iterate",
+    "LocalStep",
+    "NodeIterate",
+    "Program",
+    "Replies",
+    "Round",
+    "Task",
+    "decentralized",
+    "federated",
+    "numel",
+]

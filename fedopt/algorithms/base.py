@@ -35,7 +35,20 @@ from torch.utils._pytree import tree_leaves, tree_map
 if TYPE_CHECKING:
     from fedopt.problems.base import AbstractBilevelProblem
 
-__all__ = ["FederatedAlgorithm", "Iterate", "Program", "Replies", "Round", "Task", "numel"]
+__all__ = [
+    "DecentralizedAlgorithm",
+    "FederatedAlgorithm",
+    "Gossip",
+    "Iterate",
+    "LocalStep",
+    "NodeIterate",
+    "NodeProgram",
+    "Program",
+    "Replies",
+    "Round",
+    "Task",
+    "numel",
+]
 
 ClientFn = Callable[[Any, Any, dict[str, torch.Tensor], torch.Tensor, torch.Tensor], Any]
 
@@ -110,6 +123,55 @@ class FederatedAlgorithm:
     clients_per_round: int
     replace: bool
     program: Callable[[AbstractBilevelProblem, torch.Tensor, torch.Tensor, int, torch.Tensor], Program]
+
+
+@dataclass(frozen=True)
+class LocalStep:
+    """Decentralized phase 1: every node runs ``task`` on its own row of the stacked ``state``.
+
+    ``task.fn(payload, node_state, data, node, key)`` sees only its node's slice of ``state`` (a
+    pytree of ``[n, ...]`` tensors), the shared ``payload``, the data and its key; the program
+    receives the stacked replies (``[n, ...]``)."""
+
+    task: Task
+    state: Any
+    payload: Any = None
+
+
+@dataclass(frozen=True)
+class Gossip:
+    r"""Decentralized phase 2: one gossip round, :math:`X \leftarrow W_t X` for every tensor in
+    ``values`` (each ``[n, d]``, one row per node); the program receives the mixed tensors.
+    ``names`` label them for the accounting of floats sent over edges."""
+
+    values: tuple[torch.Tensor, ...]
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class NodeIterate:
+    """A decentralized outer-iteration boundary: the stacked node variables after ``k`` iterations.
+    ``variables`` must hold ``"x"`` and ``"y"`` (``[n, p]``, ``[n, q]``); every variable gets a
+    consensus-error metric and the problem is measured at the network averages."""
+
+    k: int
+    variables: dict[str, torch.Tensor]
+
+
+NodeProgram = Generator[LocalStep | Gossip | NodeIterate, Any, None]
+
+
+@dataclass(frozen=True)
+class DecentralizedAlgorithm:
+    """A decentralized bilevel algorithm over the nodes of a gossip graph.
+
+    ``program(problem, x0, y0, K, key, n)`` runs ``K`` outer iterations on ``n`` nodes, all
+    starting at ``(x0, y0)``, and yields :class:`LocalStep`, :class:`Gossip` and
+    :class:`NodeIterate`.
+    """
+
+    name: str
+    program: Callable[[AbstractBilevelProblem, torch.Tensor, torch.Tensor, int, torch.Tensor, int], NodeProgram]
 
 
 def numel(tree: Any) -> int:

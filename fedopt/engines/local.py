@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils._pytree import tree_map
 
@@ -25,6 +26,20 @@ class LocalEngine(AbstractEngine):
             cp = None if client_payload is None else tree_map(lambda t, j=j: t[j], client_payload)
             replies.append(task.fn(payload, cp, data, clients[j], keys[j]))
         return tree_map(lambda *ts: torch.stack(ts), *replies)
+
+
+    def gossip(self, w, w_numpy, values):
+        """The reference: node by node, the weighted sum over its neighbours (and itself)."""
+        del w
+        out = []
+        for v in values:
+            rows = []
+            for i in range(v.shape[0]):
+                nbrs = np.flatnonzero(w_numpy[i])
+                weights = torch.as_tensor(w_numpy[i, nbrs], dtype=v.dtype, device=v.device)
+                rows.append((weights.unsqueeze(-1) * v[torch.as_tensor(nbrs, device=v.device)]).sum(0))
+            out.append(torch.stack(rows))
+        return tuple(out)
 
 
 @ENGINES.register("local")

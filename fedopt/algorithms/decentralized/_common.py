@@ -1,0 +1,116 @@
+r"""Node tasks and gossip steps shared by the decentralized bilevel methods.
+
+Gossip order (``order``), for a local direction :math:`D` and step :math:`\eta`:
+
+* ``"atc"`` adapt-then-combine: :math:`X \leftarrow W(X - \eta D)`. On the complete graph this is
+  the centralized step exactly.
+* ``"cta"`` combine-then-adapt: :math:`X \leftarrow WX - \eta D`. Rows keep an
+  :math:`O(\eta)` disagreement even on the complete graph, which biases the next gradients
+  (``papers/dsbo.md`` §5.1 item 2).
+
+Gradient tracking (a tracker :math:`S` of the network-average direction, :math:`D^-` the previous
+direction, both per node):
+
+* ``"cta"``: DIGing (Nedić, Olshevsky and Shi, 2017), one round gossiping :math:`[X, S]`:
+  :math:`S \leftarrow WS + D - D^-`, :math:`X \leftarrow WX - \eta S`.
+* ``"atc"``: ATC-DIGing (Nedić, Olshevsky, Shi and Uribe, 2017), two rounds:
+  :math:`S \leftarrow W(S + D - D^-)`, then :math:`X \leftarrow W(X - \eta S)`.
+
+With trackers started at :math:`S = D^- = 0`, the mean of :math:`S` equals the mean of the
+latest directions at every step, so a constant step reaches the exact fixed point despite
+heterogeneous nodes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch.func import grad, jacrev, vmap
+
+from fedopt import oracles
+from fedopt import random as rnd
+from fedopt.algorithms.base import Gossip, NodeProgram, Task
+from fedopt.problems.base import AbstractBilevelProblem
+
+__all__ = ["gossip_step", "node_tasks", "tracked_step"]
+
+Order = Literal["atc", "cta"]
+
+
+def gossip_step(X: torch.Tensor, D: torch.Tensor, lr: float, name: str, order: Order) -> NodeProgram:
+    """One decentralized (S)GD step on the stacked ``X`` with local directions ``D``."""
+    if order == "atc":
+        (X,) = yield Gossip((X - lr * D,), (name,))
+        return X
+    (WX,) = yield Gossip((X,), (name,))
+    return WX - lr * D
+
+
+def tracked_step(X: torch.Tensor, S: torch.Tensor, D: torch.Tensor, D_old: torch.Tensor, lr: float, name: str,
+                 order: Order) -> NodeProgram:
+    """One gradient-tracking step; returns the new ``(X, S)`` (see the module docstring)."""
+    if order == "atc":
+        (S,) = yield Gossip((S + D - D_old,), (f"{name}_tracker",))
+        (X,) = yield Gossip((X - lr * S,), (name,))
+        return X, S
+    WX, WS = yield Gossip((X, S), (name, f"{name}_tracker"))
+    S = WS + D - D_old
+    return WX - lr * S, S
+
+
+def node_tasks(problem: AbstractBilevelProblem, *, batch_size: int | None, hvp_mode: Literal["fwd", "rev"] = "rev"):
+    """Per-node tasks ``fn(payload, node_state, data, node, key)``. Every oracle call draws its own
+    minibatch (independent samples for the HVP and grad_y f, and for the cross product and grad_x f)."""
+    f, g, b = problem.outer_loss, problem.inner_loss, batch_size
+
+    def inner(data, node, key, stream):
+        return problem.inner_batch(data, node, rnd.fold_in(key, stream), b)
+
+    def outer(data, node, key, stream):
+        return problem.outer_batch(data, node, rnd.fold_in(key, stream), b)
+
+    def lower_grad(payload, state, data, node, key):
+        del payload
+        x, y = state
+        return oracles.grad_y(g, x, y, inner(data, node, key, 0))
+
+    def z_grad(payload, state, data, node, key):
+        """Gradient of the node's share of the linear system: H_i z - grad_y f_i."""
+        del payload
+        x, y, z = state
+        hz = oracles.hvp_yy(g, x, y, inner(data, node, key, 0), z, mode=hvp_mode)
+        return hz - oracles.grad_y(f, x, y, outer(data, node, key, 1))
+
+    def hypergrad(payload, state, data, node, key):
+        """u_i = grad_x f_i - grad2_xy g_i z_i."""
+        del payload
+        x, y, z = state
+        jz = oracles.jvp_xy(g, x, y, inner(data, node, key, 0), z, mode=hvp_mode)
+        return oracles.grad_x(f, x, y, outer(data, node, key, 1)) - jz
+
+    def jhip_grad(payload, state, data, node, key):
+        """Gradient of the node's share of the JHIP system: Z_i H_i - J_i (p x q), H_i and J_i from
+        one sample; Z H by one HVP per row of Z (H symmetric), J by reverse mode over q outputs."""
+        del payload
+        x, y, Z = state
+        batch = inner(data, node, key, 0)
+        ZH = vmap(lambda row: oracles.hvp_yy(g, x, y, batch, row, mode=hvp_mode))(Z)
+        J = jacrev(lambda x_: grad(g, argnums=1)(x_, y, batch))(x).T  # [p, q] = d^2 g / dx dy
+        return ZH - J
+
+    def hypergrad_jhip(payload, state, data, node, key):
+        """u_i = grad_x f_i - Z_i grad_y f_i (one sample)."""
+        del payload
+        x, y, Z = state
+        gx, gy = grad(f, argnums=(0, 1))(x, y, outer(data, node, key, 1))
+        return gx - Z @ gy
+
+    p, q = problem.x_dim, problem.y_dim
+    return {
+        "lower_grad": Task("lower_grad", lower_grad, {"grad": 1}),
+        "z_grad": Task("z_grad", z_grad, {"hvp": 1, "grad": 1}),
+        "hypergrad": Task("hypergrad", hypergrad, {"grad": 1, "jvp": 1}),
+        "jhip_grad": Task("jhip_grad", jhip_grad, {"hvp": p, "jvp": q}),
+        "hypergrad_jhip": Task("hypergrad_jhip", hypergrad_jhip, {"grad": 1}),
+    }

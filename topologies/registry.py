@@ -1,0 +1,133 @@
+"""The topology registry: built-in graph families, user functions, files, and entry points.
+
+A topology is a function ``(n, *, seed, **params) -> networkx.Graph``. It is found, in order, as
+
+1. a name registered with :func:`register_topology` (the built-ins below, or a user's own
+   ``@register_topology("ladder")`` in code that has been imported);
+2. a dotted path ``"package.module:function"`` (imported on demand; no edits to this package);
+3. an entry point in the group ``fedopt.topologies`` of any installed distribution.
+
+:func:`build_graph` calls the function and checks what comes back: a connected, undirected graph on
+exactly ``n`` nodes, relabelled ``0..n-1``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from importlib import metadata
+from typing import Any
+
+import networkx as nx
+
+from topologies import graphs
+from topologies.graphs import TopologyError
+
+__all__ = ["ENTRY_POINT_GROUP", "TOPOLOGIES", "build_graph", "get_topology", "register_topology", "topology_names"]
+
+ENTRY_POINT_GROUP = "fedopt.topologies"
+TOPOLOGIES: dict[str, Callable[..., nx.Graph]] = {}
+
+
+def register_topology(name: str) -> Callable[[Callable[..., nx.Graph]], Callable[..., nx.Graph]]:
+    """Decorator: make ``fn(n, *, seed, **params) -> nx.Graph`` available as topology ``name``."""
+
+    def deco(fn: Callable[..., nx.Graph]) -> Callable[..., nx.Graph]:
+        if name in TOPOLOGIES and TOPOLOGIES[name] is not fn:
+            raise TopologyError(f"topology {name!r} is registered twice")
+        TOPOLOGIES[name] = fn
+        return fn
+
+    return deco
+
+
+register_topology("ring")(lambda n, *, seed=0: graphs.ring_graph(n))
+register_topology("complete")(lambda n, *, seed=0: graphs.complete_graph(n))
+register_topology("star")(lambda n, *, seed=0: graphs.star_graph(n))
+register_topology("exponential")(lambda n, *, seed=0: graphs.exponential_graph(n))
+
+
+@register_topology("torus")
+def _torus(n: int, *, seed: int = 0, rows: int = 0, cols: int = 0) -> nx.Graph:
+    del seed
+    if rows or cols:
+        return graphs.torus_graph(n, rows=rows or n // max(cols, 1), cols=cols or n // max(rows, 1))
+    return graphs.torus_graph(n)
+
+
+@register_topology("erdos_renyi")
+def _erdos_renyi(n: int, *, seed: int = 0, p: float = 0.3) -> nx.Graph:
+    return graphs.erdos_renyi_graph(n, p, seed=seed)
+
+
+@register_topology("random_regular")
+def _random_regular(n: int, *, seed: int = 0, d: int = 4) -> nx.Graph:
+    return graphs.random_regular_graph(n, d, seed=seed)
+
+
+@register_topology("small_world")
+def _small_world(n: int, *, seed: int = 0, k: int = 4, p: float = 0.1) -> nx.Graph:
+    return graphs.small_world_graph(n, k, p, seed=seed)
+
+
+@register_topology("edgelist")
+def _edgelist(n: int, *, seed: int = 0, path: str = "") -> nx.Graph:
+    del n, seed
+    return graphs.from_edgelist(path)
+
+
+def _entry_points() -> dict[str, Any]:
+    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def topology_names() -> list[str]:
+    """Registered names plus installed entry points."""
+    return sorted(set(TOPOLOGIES) | set(_entry_points()))
+
+
+def get_topology(name: str) -> Callable[..., nx.Graph]:
+    """The graph function called ``name`` (registered, ``module:function``, or entry point)."""
+    if name in TOPOLOGIES:
+        return TOPOLOGIES[name]
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), attr)
+        except ImportError as e:
+            raise TopologyError(f"topology {name!r}: cannot import module {module!r} ({e})") from None
+        except AttributeError:
+            raise TopologyError(f"topology {name!r}: module {module!r} has no attribute {attr!r}") from None
+        if not callable(fn):
+            raise TopologyError(f"topology {name!r} is not callable")
+        return fn
+    eps = _entry_points()
+    if name in eps:
+        return eps[name].load()
+    raise TopologyError(f"unknown topology {name!r}; available: {', '.join(topology_names())} "
+                        "(or 'package.module:function')")
+
+
+def build_graph(name: str, n: int, *, seed: int = 0, **params: Any) -> nx.Graph:
+    """Call topology ``name`` and check the result: connected, undirected, exactly ``n`` nodes."""
+    fn = get_topology(name)
+    sig = inspect.signature(fn)
+    accepts_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    allowed = {k for k, p in sig.parameters.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {"n"}
+    unknown = sorted(set(params) - allowed) if not accepts_var_kw else []
+    if unknown:
+        raise TopologyError(f"topology {name!r} has no parameter(s) {', '.join(unknown)}; "
+                            f"allowed: {', '.join(sorted(allowed - {'seed'})) or '(none)'}")
+    kwargs = dict(params)
+    if "seed" in sig.parameters or accepts_var_kw:
+        kwargs["seed"] = seed
+    try:
+        g = fn(n, **kwargs)
+    except TopologyError:
+        raise
+    except (TypeError, ValueError, nx.NetworkXException) as e:
+        raise TopologyError(f"topology {name!r} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    g = graphs.from_networkx(g, name=f"topology {name!r}")
+    if g.number_of_nodes() != n:
+        raise TopologyError(f"topology {name!r} has {g.number_of_nodes()} nodes, but the run has {n} (clients)")
+    return g
