@@ -4,6 +4,9 @@
 folder. Exit codes: 0 finished; 2 bad input (config, values, files, arguments: one line
 ``fedopt: error: ...`` on stderr, nothing written); 3 the run diverged (NaN/inf; the folder records
 the round); 130 interrupted.
+
+``fedopt topology show NAME --n N [--set k=v] [--mixing RULE] [--draw FILE.png]`` prints a
+topology's nodes, edges, degree range and spectral gap.
 """
 
 from __future__ import annotations
@@ -49,6 +52,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0 if status == "finished" else 3
 
 
+def _cmd_topology_show(args: argparse.Namespace) -> int:
+    from fedopt.config import _parse_value
+    from fedopt.errors import check
+    from fedopt.network import build_network
+
+    params = {}
+    for item in args.set:
+        check("=" in item, f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        params[k.strip()] = _parse_value(v.strip())
+    check(args.n >= 1, f"--n must be >= 1, got {args.n}")
+    net = build_network(args.name, args.n, seed=args.seed, params=params, mixing=args.mixing)
+    g = net.graph
+    degrees = [d for _, d in g.degree]
+    gap = net.spectral_gap()
+    print(f"topology {args.name} ({args.mixing} weights, seed {args.seed})")
+    print(f"nodes {g.number_of_nodes()}  edges {g.number_of_edges()}  degree {min(degrees)}..{max(degrees)}")
+    print(f"spectral gap {gap:.6g}  (rho = {1 - gap:.6g})")
+    if args.draw:
+        from plots.topology import draw_graph
+
+        draw_graph(g, args.draw, title=f"{args.name}, n={g.number_of_nodes()}, gap {gap:.3g}")
+        print(f"wrote {args.draw}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedopt", description="Federated and decentralized optimization simulator.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -60,6 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="a new folder for the outputs (default: runs/<config>-<time>)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_run)
+    t = sub.add_parser("topology", help="inspect gossip topologies")
+    tsub = t.add_subparsers(dest="topology_command", metavar="ACTION", parser_class=_Parser)
+    tsub.required = True
+    show = tsub.add_parser("show", help="nodes, edges, degrees and spectral gap of a topology")
+    show.add_argument("name", help="ring, torus, exponential, ..., edgelist, matrix, or package.module:function")
+    show.add_argument("--n", type=int, required=True, help="number of nodes")
+    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a graph parameter (repeatable)")
+    show.add_argument("--mixing", default="metropolis_hastings", help="mixing rule (default metropolis_hastings)")
+    show.add_argument("--seed", type=int, default=0)
+    show.add_argument("--draw", metavar="FILE.png", help="draw the graph to this file")
+    show.set_defaults(func=_cmd_topology_show)
     return parser
 
 

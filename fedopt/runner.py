@@ -86,6 +86,7 @@ class RunResult:
     x: torch.Tensor
     y: torch.Tensor
     counters: Counters
+    variables: dict[str, torch.Tensor] | None = None  # decentralized: the last stacked node variables
 
 
 def sample_clients(k: np.ndarray, num_clients: int, m: int, replace: bool) -> np.ndarray:
@@ -235,6 +236,7 @@ def simulate_decentralized(
     program: NodeProgram = algorithm.program(problem, x0, y0, rounds, server_key, n)
     status, diverged_round = "finished", None
     x_bar, y_bar = x0, y0
+    variables: dict[str, torch.Tensor] = {}
     try:
         msg = next(program)
     except StopIteration:
@@ -253,7 +255,8 @@ def simulate_decentralized(
             counters.floats_gossiped += network.directed_edges(t) * sum(v[0].numel() for v in msg.values)
         elif isinstance(msg, NodeIterate):
             reply = None
-            X, Y = msg.variables["x"], msg.variables["y"]
+            variables = msg.variables
+            X, Y = variables["x"], variables["y"]
             x_bar, y_bar = X.mean(0), Y.mean(0)
             finite = all(bool(torch.isfinite(v).all()) for v in msg.variables.values())
             if msg.k % eval_every == 0 or msg.k == rounds or not finite:
@@ -275,7 +278,7 @@ def simulate_decentralized(
         except StopIteration:
             msg = None
     program.close()
-    return RunResult(records, status, diverged_round, x_bar, y_bar, counters)
+    return RunResult(records, status, diverged_round, x_bar, y_bar, counters, variables)
 
 
 @dataclass

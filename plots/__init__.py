@@ -1,5 +1,6 @@
 """Figures from results tables (never from live runs): convergence curves and their panels."""
 
 from plots.convergence import plot_convergence, plot_run
+from plots.topology import draw_graph, plot_error_vs_gap
 
-__all__ = ["plot_convergence", "plot_run"]
+__all__ = ["draw_graph", "plot_convergence", "plot_error_vs_gap", "plot_run"]

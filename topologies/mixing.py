@@ -147,10 +147,10 @@ def check_mixing_matrix(w: np.ndarray, g: nx.Graph | None = None, *, atol: float
 
 def to_torch(w: np.ndarray, *, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu",
              sparse: bool | None = None) -> torch.Tensor:
-    """``w`` as a torch matrix for gossip; sparse CSR when ``sparse`` (default: n > 256 and
-    at most 10 % nonzeros), dense otherwise."""
+    """``w`` as a torch matrix for gossip; sparse (COO, coalesced) when ``sparse`` (default:
+    n > 256 and at most 10 % nonzeros), dense otherwise."""
     n = len(w)
     if sparse is None:
         sparse = n > 256 and np.count_nonzero(w) <= 0.1 * n * n
     t = torch.as_tensor(np.asarray(w), dtype=dtype, device=device)
-    return t.to_sparse_csr() if sparse else t
+    return t.to_sparse().coalesce() if sparse else t

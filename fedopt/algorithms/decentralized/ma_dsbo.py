@@ -41,6 +41,12 @@ Options for the unverified details (default first):
 
 Gossip rounds per iteration: :math:`T + N + 1` (CTA tracking gossips :math:`[X, S]` in one round;
 ATC tracking takes two rounds per tracked step).
+
+Tracking needs smaller steps, and a mixing matrix without strongly negative eigenvalues: on the
+4x4 torus (Metropolis weights, eigenvalue -0.6) MA-DSBO-GT with :math:`\beta = \gamma = 0.1`
+diverges while :math:`\beta = \gamma = 0.05`, or ``mixing = "lazy_metropolis"`` at 0.1, reaches
+:math:`\|\nabla\Phi(\bar x)\|^2 \approx 10^{-14}`; on the 16-ring (eigenvalues
+:math:`\ge -1/3`) 0.1 is stable.
 """
 
 from __future__ import annotations
