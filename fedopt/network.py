@@ -26,7 +26,7 @@ class Network:
     schedule: Callable[[int], np.ndarray]
     static: bool
     sparse: bool | None = None
-    _cache: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
+    _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @property
     def n(self) -> int:
@@ -46,8 +46,13 @@ class Network:
 
     def directed_edges(self, t: int) -> int:
         """Messages per gossip round: nonzero off-diagonal weights (each edge carries two)."""
+        if self.static and "edges" in self._cache:
+            return self._cache["edges"]
         w = self.numpy(t)
-        return int(np.count_nonzero(w) - np.count_nonzero(np.diag(w)))
+        edges = int(np.count_nonzero(w) - np.count_nonzero(np.diag(w)))
+        if self.static:
+            self._cache["edges"] = edges
+        return edges
 
     def spectral_gap(self, t: int = 0) -> float:
         return topologies.spectral_gap(self.numpy(t))
