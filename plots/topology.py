@@ -45,7 +45,7 @@ def plot_error_vs_gap(gaps: dict[str, float], errors: dict[str, list[float]], pa
     def point(gap: float, errs: list[float], label: str, marker: str) -> None:
         e = np.maximum(np.asarray(errs, dtype=float), floor)
         mid = float(np.exp(np.log(e).mean()))
-        ax.errorbar(gap, mid, yerr=[[mid - e.min()], [e.max() - mid]], fmt=marker, capsize=3, ms=7)
+        ax.errorbar(gap, mid, yerr=[[max(mid - e.min(), 0.0)], [max(e.max() - mid, 0.0)]], fmt=marker, capsize=3, ms=7)
         ax.annotate(label, (gap, mid), textcoords="offset points", xytext=(6, 4), fontsize=8)
 
     for name in sorted(gaps, key=gaps.get):
