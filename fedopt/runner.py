@@ -112,6 +112,30 @@ def _finite(metrics: dict[str, float], *tensors: torch.Tensor) -> bool:
     return all(math.isfinite(v) for v in metrics.values()) and all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+class _Evaluations:
+    """Evaluates at outer-iteration boundaries (every ``eval_every``, the last one, and any
+    non-finite state), appends long-format records, and detects divergence."""
+
+    def __init__(self, rounds: int, eval_every: int, counters: Counters,
+                 on_iterate: Callable[[int], None] | None) -> None:
+        self.rounds, self.eval_every, self.counters, self.on_iterate = rounds, eval_every, counters, on_iterate
+        self.records: list[tuple[int, int, str, float]] = []
+        self.status, self.diverged_round = "finished", None
+
+    def at(self, k: int, state: list[torch.Tensor], metrics: Callable[[], dict[str, float]]) -> bool:
+        """Record iteration ``k``; True when the run diverged and must stop."""
+        finite = all(bool(torch.isfinite(t).all()) for t in state)
+        if k % self.eval_every == 0 or k == self.rounds or not finite:
+            values = {**metrics(), **self.counters.as_metrics()} if finite else {}
+            self.records += [(k, self.counters.comm_rounds, name, v) for name, v in values.items()]
+            if not finite or not _finite(values):
+                self.status, self.diverged_round = "diverged", k
+                return True
+        if self.on_iterate is not None:
+            self.on_iterate(k)
+        return False
+
+
 class Server:
     """Carries out the rounds a server program asks for: samples the cohort, derives the keys,
     calls the engine and keeps the communication and oracle accounts."""
@@ -165,10 +189,9 @@ def simulate(
 ) -> RunResult:
     """Run ``algorithm`` for ``rounds`` outer iterations and measure every ``eval_every``."""
     server = Server(problem, engine, seed)
-    records: list[tuple[int, int, str, float]] = []
+    evals = _Evaluations(rounds, eval_every, server.counters, on_iterate)
     x, y = problem.init()
     program = algorithm.program(problem, x, y, rounds, server.server_key)
-    status, diverged_round = "finished", None
     try:
         msg = next(program)
     except StopIteration:
@@ -179,15 +202,8 @@ def simulate(
         elif isinstance(msg, Iterate):
             reply = None
             x, y = msg.x, msg.y
-            finite = bool(torch.isfinite(x).all() and torch.isfinite(y).all())
-            if msg.k % eval_every == 0 or msg.k == rounds or not finite:
-                metrics = {**problem.metrics(x, y), **server.counters.as_metrics()} if finite else {}
-                records += [(msg.k, server.counters.comm_rounds, k, v) for k, v in metrics.items()]
-                if not finite or not _finite(metrics):
-                    status, diverged_round = "diverged", msg.k
-                    break
-            if on_iterate is not None:
-                on_iterate(msg.k)
+            if evals.at(msg.k, [x, y], lambda: problem.metrics(x, y)):
+                break
         else:
             raise TypeError(f"a server program yielded {type(msg).__name__}; expected Round or Iterate")
         try:
@@ -195,7 +211,7 @@ def simulate(
         except StopIteration:
             msg = None
     program.close()
-    return RunResult(records, status, diverged_round, x, y, server.counters)
+    return RunResult(evals.records, evals.status, evals.diverged_round, x, y, server.counters)
 
 
 def _consensus(v: torch.Tensor) -> float:
@@ -230,11 +246,10 @@ def simulate_decentralized(
     nodes_np = np.arange(n, dtype=np.int64)
     nodes = torch.as_tensor(nodes_np, device=device)
     counters = Counters(decentralized=True)
-    records: list[tuple[int, int, str, float]] = []
+    evals = _Evaluations(rounds, eval_every, counters, on_iterate)
     steps = 0
     x0, y0 = problem.init()
     program: NodeProgram = algorithm.program(problem, x0, y0, rounds, server_key, n)
-    status, diverged_round = "finished", None
     x_bar, y_bar = x0, y0
     variables: dict[str, torch.Tensor] = {}
     try:
@@ -256,21 +271,14 @@ def simulate_decentralized(
         elif isinstance(msg, NodeIterate):
             reply = None
             variables = msg.variables
-            X, Y = variables["x"], variables["y"]
-            x_bar, y_bar = X.mean(0), Y.mean(0)
-            finite = all(bool(torch.isfinite(v).all()) for v in msg.variables.values())
-            if msg.k % eval_every == 0 or msg.k == rounds or not finite:
-                metrics: dict[str, float] = {}
-                if finite:
-                    metrics = {**problem.metrics(x_bar, y_bar),
-                               **{f"consensus_{name}": _consensus(v) for name, v in msg.variables.items()},
-                               **counters.as_metrics()}
-                records += [(msg.k, counters.comm_rounds, k, v) for k, v in metrics.items()]
-                if not finite or not _finite(metrics):
-                    status, diverged_round = "diverged", msg.k
-                    break
-            if on_iterate is not None:
-                on_iterate(msg.k)
+            x_bar, y_bar = variables["x"].mean(0), variables["y"].mean(0)
+
+            def metrics() -> dict[str, float]:
+                return {**problem.metrics(x_bar, y_bar),
+                        **{f"consensus_{name}": _consensus(v) for name, v in variables.items()}}
+
+            if evals.at(msg.k, list(variables.values()), metrics):
+                break
         else:
             raise TypeError(f"a decentralized program yielded {type(msg).__name__}")
         try:
@@ -278,7 +286,7 @@ def simulate_decentralized(
         except StopIteration:
             msg = None
     program.close()
-    return RunResult(records, status, diverged_round, x_bar, y_bar, counters, variables)
+    return RunResult(evals.records, evals.status, evals.diverged_round, x_bar, y_bar, counters, variables)
 
 
 @dataclass
