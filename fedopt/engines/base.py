@@ -34,10 +34,10 @@ class AbstractEngine(ABC):
 
     def gossip(self, w: torch.Tensor, w_numpy: Any, values: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """One gossip round: every row of every ``[n, d]`` tensor becomes the ``w``-weighted average
-        of its neighbours' rows. ``w`` is a dense or sparse (COO) torch matrix (``w_numpy`` the same,
+        of its neighbours' rows. ``w`` is a dense or sparse (CSR) torch matrix (``w_numpy`` the same,
         as a numpy array). Default: one (sparse) matmul per tensor."""
         del w_numpy
-        return tuple(torch.sparse.mm(w, v) if w.is_sparse else w @ v for v in values)
+        return tuple(w @ v if w.layout == torch.strided else torch.sparse.mm(w, v) for v in values)
 
     def close(self) -> None:  # noqa: B027 - in-process engines hold nothing
         """Release workers and devices."""

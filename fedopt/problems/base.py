@@ -51,6 +51,7 @@ class AbstractBilevelProblem(ABC):
     data: dict[str, torch.Tensor]
     dtype: torch.dtype
     device: torch.device
+    closed_form: dict[tuple[str, str], object] = {}  # optional hand-derived oracles (see fedopt.oracles)
 
     @abstractmethod
     def init(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,7 @@ full data.
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import numpy as np
 import torch
@@ -59,6 +60,25 @@ def _weighted_ce(logits: torch.Tensor, labels: torch.Tensor, w: torch.Tensor) ->
     forward-mode AD works through it without torch's optional decompositions (python -O)."""
     true = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)
     return (w * (torch.logsumexp(logits, -1) - true)).sum()
+
+
+def _ce_parts(y: torch.Tensor, batch, num_classes: int):
+    """Weights ``W`` [C, D], features ``A`` [b, D], and, *class-first*, the softmax ``P`` [C, b] and
+    residual ``E = P - onehot`` [C, b]. Class-first because reductions over a short trailing axis
+    (C = 2) do not vectorise on CPU: softmax over the leading axis measured 0.85 -> 0.1 ms at
+    1,024 x 16 samples."""
+    A = batch["x"]
+    W = y.reshape(num_classes, -1)
+    P = torch.softmax(W @ A.T, 0)
+    onehot = (batch["y"] == torch.arange(num_classes, device=A.device).unsqueeze(-1)).to(A.dtype)
+    return W, A, P, P - onehot
+
+
+def _ce_hvp_term(A: torch.Tensor, P: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """Per-sample softmax-CE Hessian applied to V in logit space, class-first [C, b]:
+    P*U - P*<P, U>, U = V A^T."""
+    U = V @ A.T
+    return P * U - P * (P * U).sum(0, keepdim=True)
 
 
 def _ravel_spec(module: nn.Module) -> tuple[list[tuple[str, torch.Size]], torch.Tensor]:
@@ -133,6 +153,40 @@ class _ClassificationBilevel(AbstractBilevelProblem):
     def outer_loss(self, x, y, batch):
         return _weighted_ce(self._logits(x, y, batch["x"]), batch["y"], batch["w"])
 
+    def _linear_closed_forms(self, sample_weights, penalty_grad, penalty_hvp, cross) -> dict:
+        """Closed-form oracles of a linear classifier's weighted CE plus a penalty:
+        ``sample_weights(x, batch)`` gives the CE weight of every sample, ``penalty_grad(x, W)`` and
+        ``penalty_hvp(x, V)`` the penalty's gradient and Hessian product in W, ``cross(x, W, V, batch,
+        A, P, E)`` the cross product grad2_xy g v (``P``, ``E`` class-first). The upper loss is the
+        validation CE (no x). With ``E = P - onehot``: grad_W = (E * s) A, and the Hessian product
+        is (diag(P) - P P^T)(V a) per sample."""
+        C = self.num_classes
+
+        def inner_grad_y(x, y, batch):
+            W, A, P, E = _ce_parts(y, batch, C)
+            return ((E * sample_weights(x, batch)) @ A + penalty_grad(x, W)).reshape(-1)
+
+        def inner_hvp_yy(x, y, batch, v):
+            W, A, P, _ = _ce_parts(y, batch, C)
+            V = v.reshape(C, -1)
+            return ((_ce_hvp_term(A, P, V) * sample_weights(x, batch)) @ A + penalty_hvp(x, V)).reshape(-1)
+
+        def inner_jvp_xy(x, y, batch, v):
+            W, A, P, E = _ce_parts(y, batch, C)
+            return cross(x, W, v.reshape(C, -1), batch, A, P, E)
+
+        def outer_grad_y(x, y, batch):
+            _, A, _, E = _ce_parts(y, batch, C)
+            return ((E * batch["w"]) @ A).reshape(-1)
+
+        return {
+            ("inner_loss", "grad_y"): inner_grad_y,
+            ("inner_loss", "hvp_yy"): inner_hvp_yy,
+            ("inner_loss", "jvp_xy"): inner_jvp_xy,
+            ("outer_loss", "grad_y"): outer_grad_y,
+            ("outer_loss", "grad_x"): lambda x, y, batch: torch.zeros_like(x),
+        }
+
     @torch.no_grad()
     def metrics(self, x, y):
         acc = (self._logits(x, y, self.x_test).argmax(-1) == self.y_test).to(torch.float64).mean()
@@ -163,7 +217,7 @@ class HyperCleaning(_ClassificationBilevel):
     """
 
     def __init__(self, fed: FederatedData, *, corruption: float, reg: float, seed: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, oracles: str = "closed_form") -> None:
         rng = np.random.default_rng([seed, 0xC1EA])
         n = len(fed.y_train)
         corrupted = np.zeros(n, dtype=bool)
@@ -176,6 +230,19 @@ class HyperCleaning(_ClassificationBilevel):
         self.reg = reg
         self.x_dim = n
         self.y_dim = self.num_classes * (self.num_features + 1)
+
+        def cross(x, W, V, batch, A, P, E):
+            # d/dx_j <grad_W g, V> = w_j sigma'(x_j) <E_j, A_j V^T>, scattered to the batch's samples
+            sig = torch.sigmoid(x[batch["idx"]])
+            contrib = batch["w"] * sig * (1 - sig) * (E * (V @ A.T)).sum(0)
+            return torch.zeros_like(x).index_add(0, batch["idx"], contrib)
+
+        self.closed_form = self._linear_closed_forms(
+            sample_weights=lambda x, batch: batch["w"] * torch.sigmoid(x[batch["idx"]]),
+            penalty_grad=lambda x, W: reg * W,
+            penalty_hvp=lambda x, V: reg * V,
+            cross=cross,
+        ) if oracles == "closed_form" else {}
 
     def init(self):
         z = torch.zeros
@@ -226,11 +293,17 @@ class RegularizationSelection(_ClassificationBilevel):
     """
 
     def __init__(self, fed: FederatedData, *, mu0: float, init_log_reg: float,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, oracles: str = "closed_form") -> None:
         super().__init__(fed, dtype=dtype, device=device)
         self.mu0, self.init_log_reg = mu0, init_log_reg
         self.x_dim = self.num_features + 1
         self.y_dim = self.num_classes * (self.num_features + 1)
+        self.closed_form = self._linear_closed_forms(
+            sample_weights=lambda x, batch: batch["w"],
+            penalty_grad=lambda x, W: (mu0 + torch.exp(x)) * W,
+            penalty_hvp=lambda x, V: (mu0 + torch.exp(x)) * V,
+            cross=lambda x, W, V, batch, A, P, E: torch.exp(x) * (W * V).sum(0),
+        ) if oracles == "closed_form" else {}
 
     def init(self):
         x0 = torch.full((self.x_dim,), self.init_log_reg, dtype=self.dtype, device=self.device)
@@ -286,25 +359,32 @@ def _needs_data(context: ProblemContext, name: str) -> FederatedData:
 
 
 @PROBLEMS.register("hyper_cleaning")
-def hyper_cleaning(context: ProblemContext, /, *, corruption: float = 0.4, reg: float = 1e-2) -> HyperCleaning:
+def hyper_cleaning(context: ProblemContext, /, *, corruption: float = 0.4, reg: float = 1e-2,
+                   oracles: Literal["closed_form", "autodiff"] = "closed_form") -> HyperCleaning:
     """Data hyper-cleaning (see :class:`HyperCleaning`).
 
     Args:
         corruption: fraction of training labels replaced by a random other label, in [0, 1).
         reg: L2 strength rho of the lower-level classifier (> 0: strong convexity).
+        oracles: ``"closed_form"`` (hand-derived, checked against torch.func to 1e-10) or
+            ``"autodiff"``.
     """
     fed = _needs_data(context, "hyper_cleaning")
     check(0 <= corruption < 1, f"problem.params.corruption must be in [0, 1), got {corruption}")
     check(reg > 0, f"problem.params.reg must be > 0, got {reg}")
-    return HyperCleaning(fed, corruption=corruption, reg=reg, seed=context.seed, dtype=context.dtype, device=context.device)
+    return HyperCleaning(fed, corruption=corruption, reg=reg, seed=context.seed, dtype=context.dtype,
+                         device=context.device, oracles=oracles)
 
 
 @PROBLEMS.register("regularization_selection")
-def regularization_selection(context: ProblemContext, /, *, mu0: float = 1e-3, init_log_reg: float = -4.0) -> RegularizationSelection:
-    """Per-feature L2 selection for logistic regression (see :class:`RegularizationSelection`)."""
+def regularization_selection(context: ProblemContext, /, *, mu0: float = 1e-3, init_log_reg: float = -4.0,
+                             oracles: Literal["closed_form", "autodiff"] = "closed_form") -> RegularizationSelection:
+    """Per-feature L2 selection for logistic regression (see :class:`RegularizationSelection`;
+    ``oracles`` as in :func:`hyper_cleaning`)."""
     fed = _needs_data(context, "regularization_selection")
     check(mu0 > 0, f"problem.params.mu0 must be > 0, got {mu0}")
-    return RegularizationSelection(fed, mu0=mu0, init_log_reg=init_log_reg, dtype=context.dtype, device=context.device)
+    return RegularizationSelection(fed, mu0=mu0, init_log_reg=init_log_reg, dtype=context.dtype,
+                                   device=context.device, oracles=oracles)
 
 
 @PROBLEMS.register("hyper_representation")

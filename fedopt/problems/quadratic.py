@@ -24,6 +24,7 @@ unbiased with variance :math:`\propto \sigma^2 / b`.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 import torch
@@ -58,11 +59,19 @@ class QuadraticBilevel(AbstractBilevelProblem):
         seed: int,
         dtype: torch.dtype,
         device: torch.device,
+        oracles: str = "closed_form",
     ) -> None:
         self.num_clients, self.x_dim, self.y_dim = clients, x_dim, y_dim
         self.mu, self.L, self.delta, self.sigma = mu, L, delta, sigma
         self.lam, self.cos_weight = lam, cos_weight
         self.dtype, self.device = dtype, device
+        self.closed_form = {
+            ("inner_loss", "grad_y"): lambda x, y, b: b["H"] @ y - (b["J"] @ x + b["c"]),
+            ("inner_loss", "hvp_yy"): lambda x, y, b, v: b["H"] @ v,
+            ("inner_loss", "jvp_xy"): lambda x, y, b, v: -(b["J"].T @ v),
+            ("outer_loss", "grad_y"): lambda x, y, b: y - b["d"],
+            ("outer_loss", "grad_x"): lambda x, y, b: lam * x + b["xi"] - cos_weight * torch.sin(x),
+        } if oracles == "closed_form" else {}
         rng = np.random.default_rng([seed, 0x9A])
         p, q, m = x_dim, y_dim, clients
 
@@ -186,6 +195,7 @@ def quadratic(
     sigma: float = 0.0,
     lam: float = 0.1,
     cos_weight: float = 0.0,
+    oracles: Literal["closed_form", "autodiff"] = "closed_form",
 ) -> QuadraticBilevel:
     """The heterogeneous quadratic bilevel problem (module docstring).
 
@@ -196,6 +206,8 @@ def quadratic(
         sigma: oracle noise standard deviation at batch size 1.
         lam: upper-level ridge lambda (> 0 makes x* unique).
         cos_weight: weight w of the nonconvex term w * sum(cos x).
+        oracles: ``"closed_form"`` (hand-derived gradients and products, checked against torch.func
+            to 1e-10) or ``"autodiff"`` (torch.func on the losses).
     """
     check(context.data is None, "problem 'quadratic' is synthetic and takes no [data] / [partition] tables")
     check(x_dim >= 1 and y_dim >= 1, f"problem.params x_dim and y_dim must be >= 1, got {x_dim}, {y_dim}")
@@ -206,4 +218,5 @@ def quadratic(
     return QuadraticBilevel(
         clients=context.clients, x_dim=x_dim, y_dim=y_dim, mu=mu, L=L, delta=delta, sigma=sigma,
         lam=lam, cos_weight=cos_weight, seed=context.seed, dtype=context.dtype, device=context.device,
+        oracles=oracles,
     )

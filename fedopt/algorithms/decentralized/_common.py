@@ -103,7 +103,7 @@ def node_tasks(problem: AbstractBilevelProblem, *, batch_size: int | None, hvp_m
         """u_i = grad_x f_i - Z_i grad_y f_i (one sample)."""
         del payload
         x, y, Z = state
-        gx, gy = grad(f, argnums=(0, 1))(x, y, outer(data, node, key, 1))
+        gx, gy = oracles.grad_xy(f, x, y, outer(data, node, key, 1))
         return gx - Z @ gy
 
     p, q = problem.x_dim, problem.y_dim

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch.func import grad
 
 from fedopt import oracles
 from fedopt import random as rnd
@@ -45,7 +44,7 @@ def bilevel_tasks(
     def outer_grads(payload, client_payload, data, client, key):
         del client_payload
         x, y = payload
-        gx, gy = grad(f, argnums=(0, 1))(x, y, problem.outer_batch(data, client, key, b))
+        gx, gy = oracles.grad_xy(f, x, y, problem.outer_batch(data, client, key, b))
         return gy, gx
 
     def neumann_step(payload, client_payload, data, client, key):
