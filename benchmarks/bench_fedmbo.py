@@ -193,9 +193,10 @@ class Reference:
         self.m, self.b, self.T, self.Q = m, b, T, Q
         self.alpha, self.beta, self.eta = alpha, beta, eta
         self.A, self.Yt, self.off, self.n = {}, {}, {}, {}
-        for split in ("train", "val"):  # one-time layout: features with the bias column, one-hot labels
-            xs = d[f"{split}_x"]
-            self.A[split] = torch.cat([xs, torch.ones(xs.shape[0], 1, dtype=xs.dtype, device=xs.device)], 1)
+        for split in ("train", "val"):  # one-time layout: features (the problem's rows already end
+            xs = d[f"{split}_x"]        # with the bias column of ones), one-hot labels
+            assert bool((xs[:, -1] == 1).all()) and xs.shape[1] == self.D
+            self.A[split] = xs
             self.Yt[split] = F.one_hot(d[f"{split}_y"], self.C).to(xs.dtype).T.contiguous()  # [C, N]
             self.off[split], self.n[split] = d[f"{split}_off"], d[f"{split}_n"]
 

@@ -100,9 +100,20 @@ def uniform_host(k: int | np.ndarray, n: int) -> np.ndarray:
     return ((bits >> _U(11)).astype(np.float64) + 0.5) * (2.0**-53)
 
 
+_COUNTERS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _counter(n: int, device: torch.device) -> torch.Tensor:
+    """``(1..n) * golden``, cached per size and device (it is the same for every key)."""
+    c = _COUNTERS.get((n, str(device)))
+    if c is None:
+        c = torch.arange(1, n + 1, dtype=torch.int64, device=device) * _GOLDEN
+        _COUNTERS[(n, str(device))] = c
+    return c
+
+
 def _bits(k: torch.Tensor, n: int) -> torch.Tensor:
-    counter = torch.arange(1, n + 1, dtype=torch.int64, device=k.device)
-    return _mix(k.unsqueeze(-1) + counter * _GOLDEN)
+    return _mix(k.unsqueeze(-1) + _counter(n, k.device))
 
 
 def uniform(k: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -122,15 +133,15 @@ def normal(k: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.f
 
 
 def randint(k: torch.Tensor, high: int | torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Integers uniform on ``{0, ..., high - 1}``; ``high`` may be a (batched) tensor.
-
-    The top 63 random bits modulo ``high`` (bias below ``high / 2**63``)."""
+    """Integers uniform on ``{0, ..., high - 1}`` for ``high < 2**31``; ``high`` may be a (batched)
+    tensor. Lemire's multiply-shift range reduction of the top 32 random bits,
+    ``(bits * high) >> 32`` (bias below ``high / 2**32``; no integer division, which is slow)."""
     n = math.prod(shape)
     high_t = torch.as_tensor(high, dtype=torch.int64, device=k.device)
     if high_t.dim() > 0:  # one bound per key: align with the key's batch dimensions
         high_t = high_t.reshape(tuple(high_t.shape) + (1,) * len(shape))
-    bits = _srl(_bits(k, n), 1).reshape(tuple(k.shape) + tuple(shape))
-    return torch.remainder(bits, high_t)
+    bits = _srl(_bits(k, n), 32).reshape(tuple(k.shape) + tuple(shape))
+    return (bits * high_t) >> 32  # bits < 2**32 and high < 2**31: the product fits in int64
 
 
 def permutation(k: torch.Tensor, n: int) -> torch.Tensor:

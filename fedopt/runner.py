@@ -97,10 +97,11 @@ def sample_clients(k: np.ndarray, num_clients: int, m: int, replace: bool) -> np
     return np.argsort(u, kind="stable")[:m].astype(np.int64)
 
 
-def client_keys(stream: np.ndarray, comm_round: int, clients: np.ndarray) -> np.ndarray:
-    """One key per cohort member, from (client stream, round, client id, occurrence in cohort)."""
+def client_keys(stream: np.ndarray, comm_round: int, clients: np.ndarray, *, distinct: bool = False) -> np.ndarray:
+    """One key per cohort member, from (client stream, round, client id, occurrence in cohort).
+    ``distinct=True`` promises no repeated ids (sampling without replacement), skipping the scan."""
     occurrence = np.zeros_like(clients)
-    if len(np.unique(clients)) < len(clients):
+    if not distinct and len(set(clients.tolist())) < len(clients):
         seen: dict[int, int] = {}
         for j, c in enumerate(clients.tolist()):
             occurrence[j] = seen.get(c, 0)
@@ -156,8 +157,9 @@ class Server:
         else:
             check(msg.replace or msg.cohort <= num, f"cannot sample {msg.cohort} of {num} clients without replacement")
             ids_np = sample_clients(rnd.fold_in_host(self.sample_stream, r), num, msg.cohort, msg.replace)
+        sampled_distinct = not isinstance(msg.cohort, torch.Tensor) and not msg.replace
         ids = torch.as_tensor(ids_np, device=device)
-        keys = torch.as_tensor(client_keys(self.client_stream, r, ids_np), device=device)
+        keys = torch.as_tensor(client_keys(self.client_stream, r, ids_np, distinct=sampled_distinct), device=device)
         values = self.engine.map_clients(msg.task, msg.payload, msg.client_payload, ids, keys)
         c = self.counters
         c.comm_rounds += 1
@@ -258,7 +260,7 @@ def simulate_decentralized(
         msg = None
     while msg is not None:
         if isinstance(msg, LocalStep):
-            keys = torch.as_tensor(client_keys(step_stream, steps, nodes_np), device=device)
+            keys = torch.as_tensor(client_keys(step_stream, steps, nodes_np, distinct=True), device=device)
             reply: Any = engine.map_clients(msg.task, msg.payload, msg.state, nodes, keys)
             counters.add_calls(msg.task, n)
             steps += 1
