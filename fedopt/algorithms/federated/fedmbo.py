@@ -56,10 +56,10 @@ Example:
     >>> import torch, fedopt
     >>> cfg = {"problem": {"name": "quadratic", "params": {"x_dim": 4, "y_dim": 4}},
     ...        "algorithm": {"name": "fedmbo", "params": {"outer_lr": 0.5, "inner_lr": 0.25,
-    ...            "neumann_lr": 0.25, "neumann_terms": 20, "inner_steps": 5,
+    ...            "neumann_lr": 0.25, "neumann_terms": 40, "inner_steps": 5,
     ...            "clients_per_round": 4}},
-    ...        "clients": 4, "rounds": 200, "eval_every": 200}
-    >>> df = fedopt.run(cfg)
+    ...        "clients": 4, "rounds": 150, "eval_every": 150}
+    >>> df = fedopt.run(cfg)  # full participation, exact oracles: the bias (1 - 0.25)^40 is negligible
     >>> float(df.query("metric == 'hypergrad_norm_sq'").value.iloc[-1]) < 1e-8
     True
 """
