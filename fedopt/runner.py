@@ -332,7 +332,7 @@ def build(cfg: RunConfig) -> Built:
                                 sparse=cfg.topology.sparse)
     else:
         check(cfg.topology is None, f"algorithm {cfg.algorithm.name!r} is federated; remove the [topology] table")
-        check(algorithm.replace or algorithm.clients_per_round <= cfg.clients,
+        check(algorithm.replace or algorithm.clients_per_round is None or algorithm.clients_per_round <= cfg.clients,
               f"algorithm.params.clients_per_round = {algorithm.clients_per_round} exceeds clients = {cfg.clients}; "
               f"allowed: 1..{cfg.clients} (or replace = true)")
     data = None

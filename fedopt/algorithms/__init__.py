@@ -1,6 +1,6 @@
 """Algorithms: *how* a problem is optimised. Pure tensor code with no engine knowledge."""
 
-from fedopt.algorithms import decentralized, federated
+from fedopt.algorithms import centralized, decentralized, federated
 from fedopt.algorithms.base import (
     DecentralizedAlgorithm,
     FederatedAlgorithm,
@@ -26,6 +26,7 @@ __all__ = [
     "Replies",
     "Round",
     "Task",
+    "centralized",
     "decentralized",
     "federated",
     "numel",

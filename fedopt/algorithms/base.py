@@ -120,7 +120,7 @@ class FederatedAlgorithm:
     """
 
     name: str
-    clients_per_round: int
+    clients_per_round: int | None  # None: every round asks all clients (centralized methods)
     replace: bool
     program: Callable[[AbstractBilevelProblem, torch.Tensor, torch.Tensor, int, torch.Tensor], Program]
 

@@ -33,7 +33,7 @@ from fedopt import random as rnd
 from fedopt.algorithms.base import Gossip, NodeProgram, Task
 from fedopt.problems.base import AbstractBilevelProblem
 
-__all__ = ["gossip_step", "node_tasks", "tracked_step"]
+__all__ = ["adaptive_step", "gossip_step", "node_tasks", "tracked_step"]
 
 Order = Literal["atc", "cta"]
 
@@ -45,6 +45,19 @@ def gossip_step(X: torch.Tensor, D: torch.Tensor, lr: float, name: str, order: O
         return X
     (WX,) = yield Gossip((X,), (name,))
     return WX - lr * D
+
+
+def adaptive_step(X: torch.Tensor, A: torch.Tensor, D: torch.Tensor, name: str, order: Order) -> NodeProgram:
+    r"""A tuning-free step with per-node squared accumulators ``A`` ([n, 1]): accumulate the local
+    direction, step by :math:`D / \sqrt{A}`, and gossip the accumulators in the same round as
+    ``X`` (average consensus), so that the nodes' steps stay close. Returns ``(X, A)``; with one node
+    it is the centralized rule exactly."""
+    A = A + D.square().sum(-1, keepdim=True)
+    if order == "atc":
+        X, A = yield Gossip((X - D * A.rsqrt(), A), (name, f"{name}_accumulator"))
+        return X, A
+    WX, WA = yield Gossip((X, A), (name, f"{name}_accumulator"))
+    return WX - D * A.rsqrt(), WA
 
 
 def tracked_step(X: torch.Tensor, S: torch.Tensor, D: torch.Tensor, D_old: torch.Tensor, lr: float, name: str,
@@ -61,7 +74,9 @@ def tracked_step(X: torch.Tensor, S: torch.Tensor, D: torch.Tensor, D_old: torch
 
 def node_tasks(problem: AbstractBilevelProblem, *, batch_size: int | None, hvp_mode: Literal["fwd", "rev"] = "rev"):
     """Per-node tasks ``fn(payload, node_state, data, node, key)``. Every oracle call draws its own
-    minibatch (independent samples for the HVP and grad_y f, and for the cross product and grad_x f)."""
+    minibatch (independent samples for the HVP and grad_y f, and for the cross product and grad_x f).
+    The state is the node's own row of the stacked state, or, when there is none (a centralized
+    program broadcasting one point to every client), the payload."""
     f, g, b = problem.outer_loss, problem.inner_loss, batch_size
 
     def inner(data, node, key, stream):
@@ -71,20 +86,25 @@ def node_tasks(problem: AbstractBilevelProblem, *, batch_size: int | None, hvp_m
         return problem.outer_batch(data, node, rnd.fold_in(key, stream), b)
 
     def lower_grad(payload, state, data, node, key):
-        del payload
+        state = payload if state is None else state
         x, y = state
         return oracles.grad_y(g, x, y, inner(data, node, key, 0))
 
+    def upper_grad_y(payload, state, data, node, key):
+        """grad_y f_i (the linear system's gradient at v = 0, up to sign)."""
+        x, y = (payload if state is None else state)[:2]
+        return oracles.grad_y(f, x, y, outer(data, node, key, 1))
+
     def z_grad(payload, state, data, node, key):
         """Gradient of the node's share of the linear system: H_i z - grad_y f_i."""
-        del payload
+        state = payload if state is None else state
         x, y, z = state
         hz = oracles.hvp_yy(g, x, y, inner(data, node, key, 0), z, mode=hvp_mode)
         return hz - oracles.grad_y(f, x, y, outer(data, node, key, 1))
 
     def hypergrad(payload, state, data, node, key):
         """u_i = grad_x f_i - grad2_xy g_i z_i."""
-        del payload
+        state = payload if state is None else state
         x, y, z = state
         jz = oracles.jvp_xy(g, x, y, inner(data, node, key, 0), z, mode=hvp_mode)
         return oracles.grad_x(f, x, y, outer(data, node, key, 1)) - jz
@@ -92,7 +112,7 @@ def node_tasks(problem: AbstractBilevelProblem, *, batch_size: int | None, hvp_m
     def jhip_grad(payload, state, data, node, key):
         """Gradient of the node's share of the JHIP system: Z_i H_i - J_i (p x q), H_i and J_i from
         one sample; Z H by one HVP per row of Z (H symmetric), J by reverse mode over q outputs."""
-        del payload
+        state = payload if state is None else state
         x, y, Z = state
         batch = inner(data, node, key, 0)
         ZH = vmap(lambda row: oracles.hvp_yy(g, x, y, batch, row, mode=hvp_mode))(Z)
@@ -101,13 +121,25 @@ def node_tasks(problem: AbstractBilevelProblem, *, batch_size: int | None, hvp_m
 
     def hypergrad_jhip(payload, state, data, node, key):
         """u_i = grad_x f_i - Z_i grad_y f_i (one sample)."""
-        del payload
+        state = payload if state is None else state
         x, y, Z = state
         gx, gy = oracles.grad_xy(f, x, y, outer(data, node, key, 1))
         return gx - Z @ gy
 
+    def joint(payload, state, data, node, key):
+        """All three directions at one point (x, y, v): grad_y g, H v - grad_y f, grad_x f - J v;
+        one inner sample serves grad_y g, the HVP and the cross product, one outer sample both
+        gradients of f (the official S-TFBO code's sampling)."""
+        x, y, v = payload if state is None else state
+        gb, fb = inner(data, node, key, 0), outer(data, node, key, 1)
+        hv, jv = oracles.hvp_and_jvp(g, x, y, gb, v)
+        fx, fy = oracles.grad_xy(f, x, y, fb)
+        return oracles.grad_y(g, x, y, gb), hv - fy, fx - jv
+
     p, q = problem.x_dim, problem.y_dim
     return {
+        "joint": Task("joint", joint, {"grad": 2, "hvp": 1, "jvp": 1}),
+        "upper_grad_y": Task("upper_grad_y", upper_grad_y, {"grad": 1}),
         "lower_grad": Task("lower_grad", lower_grad, {"grad": 1}),
         "z_grad": Task("z_grad", z_grad, {"hvp": 1, "grad": 1}),
         "hypergrad": Task("hypergrad", hypergrad, {"grad": 1, "jvp": 1}),

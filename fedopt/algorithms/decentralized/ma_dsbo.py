@@ -38,6 +38,11 @@ Options for the unverified details (default first):
   tracking in the published MA-DSBO-GT is unverified.
 * :math:`r^0 = 0` (``r_init="zero"``) or the first estimate :math:`u^0` (``"first"``); :math:`r` is
   kept local (not gossiped); step 5 uses the updated :math:`r^{k+1}`; steps 2-3 use :math:`y^{k+1}`.
+* ``step_rule="fixed"`` or ``"tuning_free"``: every node replaces :math:`\beta, \gamma, \alpha` by
+  inverse square roots of its own accumulated squared direction norms (TFBO's rule, Yang et al.,
+  ICLR 2025), started at :math:`1/\beta^2, 1/\gamma^2, 1/\alpha^2`, and gossips the accumulators
+  together with the variable they scale (``papers/tfbo.md`` §5.4, option (i)), so nodes keep
+  nearly equal steps. This is an **extension, not a result from the papers**; without tracking only.
 
 Gossip rounds per iteration: :math:`T + N + 1` (CTA tracking gossips :math:`[X, S]` in one round;
 ATC tracking takes two rounds per tracked step).
@@ -56,7 +61,7 @@ from typing import Literal
 import torch
 
 from fedopt.algorithms.base import DecentralizedAlgorithm, LocalStep, NodeIterate, NodeProgram
-from fedopt.algorithms.decentralized._common import gossip_step, node_tasks, tracked_step
+from fedopt.algorithms.decentralized._common import adaptive_step, gossip_step, node_tasks, tracked_step
 from fedopt.errors import check
 from fedopt.problems.base import AbstractBilevelProblem
 from fedopt.registry import ALGORITHMS
@@ -87,11 +92,14 @@ def ma_dsbo(
     tracking: Literal["none", "x", "xyz"] = "none",
     r_init: Literal["zero", "first"] = "zero",
     hvp_mode: Literal["fwd", "rev"] = "rev",
+    step_rule: Literal["fixed", "tuning_free"] = "fixed",
 ) -> DecentralizedAlgorithm:
     """MA-DSBO (module docstring)."""
     _check(outer_lr, inner_lr, z_lr, theta, inner_steps, z_steps, batch_size)
     alpha, beta, gamma, T, N, order = outer_lr, inner_lr, z_lr, inner_steps, z_steps, gossip_order
     track_x, track_yz = tracking in ("x", "xyz"), tracking == "xyz"
+    tf = step_rule == "tuning_free"
+    check(not (tf and tracking != "none"), "algorithm.params.step_rule = 'tuning_free' needs tracking = 'none'")
 
     def program(problem: AbstractBilevelProblem, x0: torch.Tensor, y0: torch.Tensor, K: int,
                 key: torch.Tensor, n: int) -> NodeProgram:
@@ -103,25 +111,33 @@ def ma_dsbo(
         R = torch.zeros_like(X)
         # gradient-tracking state: trackers and the directions they last absorbed
         Sy, Dy, Sz, Dz, Sx, Rx = (torch.zeros_like(v) for v in (Y, Y, Z, Z, X, X))
+        # tuning-free state: per-node squared accumulators
+        Ax, Ay, Az = (torch.full((n, 1), 1.0 / lr**2, dtype=X.dtype, device=X.device) for lr in (alpha, beta, gamma))
         yield NodeIterate(0, {"x": X, "y": Y, "z": Z})
         for k in range(K):
             for _ in range(T):  # 1. lower level: gossip SGD on y
                 D = yield LocalStep(tasks["lower_grad"], (X, Y))
-                if track_yz:
+                if tf:
+                    Y, Ay = yield from adaptive_step(Y, Ay, D, "y", order)
+                elif track_yz:
                     Y, Sy = yield from tracked_step(Y, Sy, D, Dy, beta, "y", order)
                     Dy = D
                 else:
                     Y = yield from gossip_step(Y, D, beta, "y", order)
             for _ in range(N):  # 2. the global linear system for z, by gossip SGD
                 D = yield LocalStep(tasks["z_grad"], (X, Y, Z))
-                if track_yz:
+                if tf:
+                    Z, Az = yield from adaptive_step(Z, Az, D, "z", order)
+                elif track_yz:
                     Z, Sz = yield from tracked_step(Z, Sz, D, Dz, gamma, "z", order)
                     Dz = D
                 else:
                     Z = yield from gossip_step(Z, D, gamma, "z", order)
             U = yield LocalStep(tasks["hypergrad"], (X, Y, Z))  # 3. local hypergradient estimate
             R = U if (k == 0 and r_init == "first") else (1 - theta) * R + theta * U  # 4. moving average
-            if track_x:  # 5. upper level
+            if tf:  # 5. upper level
+                X, Ax = yield from adaptive_step(X, Ax, R, "x", order)
+            elif track_x:
                 X, Sx = yield from tracked_step(X, Sx, R, Rx, alpha, "x", order)
                 Rx = R
             else:

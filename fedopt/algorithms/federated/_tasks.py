@@ -23,6 +23,7 @@ class BilevelTasks:
     outer_grads: Task  # (x, y) -> (grad_y f_i, grad_x f_i) on one sample xi
     neumann_step: Task  # (x, y, v) or client_payload v -> v - eta * H_i v
     cross: Task  # (x, y, p) -> grad2_xy g_i(x, y; zeta) p
+    hvp: Task  # (x, y, v) -> H_i v
 
 
 def bilevel_tasks(
@@ -58,9 +59,15 @@ def bilevel_tasks(
         x, y, p = payload
         return oracles.jvp_xy(g, x, y, problem.inner_batch(data, client, rnd.fold_in(key, 1), b), p, mode=hvp_mode)
 
+    def hvp(payload, client_payload, data, client, key):
+        del client_payload
+        x, y, v = payload
+        return oracles.hvp_yy(g, x, y, problem.inner_batch(data, client, key, b), v, mode=hvp_mode)
+
     return BilevelTasks(
         Task("lower_grad", grad_y_inner, {"grad": 1}),
         Task("outer_grad", outer_grads, {"grad": 1}),
-        Task("hvp", neumann_step, {"hvp": 1}),
+        Task("neumann", neumann_step, {"hvp": 1}),
         Task("cross", cross, {"jvp": 1}),
+        Task("hvp", hvp, {"hvp": 1}),
     )

@@ -49,6 +49,14 @@ Options for the unverified details (default first):
   one cohort destroys the :math:`1/n` variance reduction, ``papers/fedmbo.md`` §6).
 * ``warm_start=True``: :math:`y_{k+1}^0 = y_k^T`; ``False`` restarts the lower level from 0.
 * :math:`\nabla_x f_i` is collected in round 0 of PHE together with :math:`\nabla_y f_i`.
+* ``step_rule="fixed"`` or ``"tuning_free"``: the server replaces :math:`\beta`, :math:`\eta` and
+  :math:`\alpha` by inverse cumulative norms (TFBO's rule, Yang et al., ICLR 2025) started at
+  :math:`1/\beta, 1/\eta, 1/\alpha`: :math:`c^2 \mathrel{+}= \|d\|^2,\ u \mathrel{-}= d/c` for the
+  averaged lower gradient, for the Neumann chain written as gradient descent on
+  :math:`R(p) = \tfrac12 p^\top H p - p^\top\nabla_y f` from :math:`p = 0` (the same :math:`Q - 1`
+  HVP rounds; with a fixed step it *is* the truncated Neumann sum), and for the hypergradient.
+  This combination is an **extension, not a result from either paper**; it needs single chains and
+  full truncation.
 
 Rounds per outer iteration: :math:`T + 1 + (Q - 1) + 1` (full) or :math:`T + 2 + Q'` (random).
 
@@ -144,6 +152,24 @@ def phe(tasks: BilevelTasks, x: torch.Tensor, y: torch.Tensor, *, n: int, replac
     return g_x - w
 
 
+def _phe_tuning_free(tasks: BilevelTasks, x: torch.Tensor, y: torch.Tensor, *, n: int, Q: int, replace: bool,
+                     acc: dict[str, torch.Tensor]) -> Program:
+    """PHE's chain as adaptive gradient descent on R(p) from p = 0 (see ``step_rule``); updates
+    ``acc["p"]`` in place and returns the hypergradient estimate."""
+    r0 = yield Round(tasks.outer_grads, (x, y), n, replace=replace)
+    grads_y, grads_x = r0.values
+    b, g_x = grads_y.mean(0), grads_x.mean(0)
+    d = -b  # grad R(0)
+    acc["p"] = acc["p"] + d.square().sum()
+    p = -d * acc["p"].rsqrt()
+    for _ in range(1, Q):
+        d = (yield Round(tasks.hvp, (x, y, p), n, replace=replace)).mean() - b
+        acc["p"] = acc["p"] + d.square().sum()
+        p = p - d * acc["p"].rsqrt()
+    w = (yield Round(tasks.cross, (x, y, p), n, replace=replace)).mean()
+    return g_x - w
+
+
 @ALGORITHMS.register("fedmbo")
 def fedmbo(
     *,
@@ -160,6 +186,7 @@ def fedmbo(
     warm_start: bool = True,
     outer_lr_scaling: Literal["constant", "theory"] = "constant",
     hvp_mode: Literal["fwd", "rev"] = "rev",
+    step_rule: Literal["fixed", "tuning_free"] = "fixed",
 ) -> FederatedAlgorithm:
     """FedMBO (module docstring). Returns the algorithm; all arguments are validated here."""
     for name, val in (("outer_lr", outer_lr), ("inner_lr", inner_lr), ("neumann_lr", neumann_lr)):
@@ -169,21 +196,35 @@ def fedmbo(
     check(clients_per_round >= 1, f"algorithm.params.clients_per_round must be >= 1, got {clients_per_round}")
     check(batch_size is None or batch_size >= 1, f"algorithm.params.batch_size must be >= 1, got {batch_size}")
     alpha, beta, eta, Q, T, n = outer_lr, inner_lr, neumann_lr, neumann_terms, inner_steps, clients_per_round
+    tf = step_rule == "tuning_free"
+    if tf:
+        check(chains == "single" and truncation == "full" and outer_lr_scaling == "constant",
+              "algorithm.params.step_rule = 'tuning_free' needs chains = 'single', truncation = 'full' and "
+              "outer_lr_scaling = 'constant'")
 
     def program(problem: AbstractBilevelProblem, x: torch.Tensor, y: torch.Tensor, K: int,
                 key: torch.Tensor) -> Program:
         tasks = bilevel_tasks(problem, batch_size=batch_size, neumann_lr=eta, hvp_mode=hvp_mode)
         step = alpha * (math.sqrt(n / K) if outer_lr_scaling == "theory" else 1.0)
+        acc = {name: torch.tensor(1.0 / lr**2, dtype=x.dtype, device=x.device)
+               for name, lr in (("x", alpha), ("y", beta), ("p", eta))}
         yield Iterate(0, x, y)
         for k in range(K):
             if not warm_start:
                 y = torch.zeros_like(y)
             for _ in range(T):  # lower level: federated minibatch SGD, fresh clients each round
                 d = (yield Round(tasks.grad_y_inner, (x, y), n, replace=replace)).mean()
-                y = y - beta * d
-            h = yield from phe(tasks, x, y, n=n, Q=Q, eta=eta, truncation=truncation,
-                               chains=chains, replace=replace, key=rnd.fold_in(key, k))
-            x = x - step * h
+                if tf:
+                    acc["y"] = acc["y"] + d.square().sum()
+                y = y - (d * acc["y"].rsqrt() if tf else beta * d)
+            if tf:
+                h = yield from _phe_tuning_free(tasks, x, y, n=n, Q=Q, replace=replace, acc=acc)
+                acc["x"] = acc["x"] + h.square().sum()
+                x = x - h * acc["x"].rsqrt()
+            else:
+                h = yield from phe(tasks, x, y, n=n, Q=Q, eta=eta, truncation=truncation,
+                                   chains=chains, replace=replace, key=rnd.fold_in(key, k))
+                x = x - step * h
             yield Iterate(k + 1, x, y)
 
     return FederatedAlgorithm("fedmbo", clients_per_round, replace, program)
