@@ -25,6 +25,20 @@ def quadratic_config(*, clients: int = 8, rounds: int = 20, seed: int = 0, probl
             "algorithm": {"name": algorithm, "params": alg}, "engine": {"name": engine}}
 
 
+def dec_config(algorithm="ma_dsbo", topology="complete", *, n=16, rounds=200, params=None, problem=None,
+               eval_every=None, mixing="metropolis_hastings") -> dict[str, Any]:
+    """A float64 decentralized config on the heterogeneous quadratic over ``topology`` with ``n`` nodes."""
+    prob = {"x_dim": 4, "y_dim": 3, "mu": 1.0, "L": 4.0, "delta": 1.0, "sigma": 0.0, "lam": 0.1}
+    prob.update(problem or {})
+    alg = {"outer_lr": 0.3, "inner_lr": 0.2, "z_lr": 0.2}
+    if algorithm.startswith("ma_dsbo"):
+        alg["theta"] = 0.8
+    alg.update(params or {})
+    return {"seed": 0, "clients": n, "rounds": rounds, "eval_every": eval_every or rounds, "dtype": "float64",
+            "problem": {"name": "quadratic", "params": prob}, "algorithm": {"name": algorithm, "params": alg},
+            "topology": {"name": topology, "mixing": mixing}}
+
+
 def built(raw: dict[str, Any]) -> Built:
     return build(load_config(copy.deepcopy(raw)))
 

@@ -63,6 +63,7 @@ def aid(
     warm_start_v: bool = True,
     theta: float = 1.0,
     step_rule: Literal["fixed", "tuning_free"] = "fixed",
+    v_accumulator: Literal["warm", "cold"] = "warm",
     batch_size: int | None = None,
     hvp_mode: Literal["fwd", "rev"] = "rev",
 ) -> FederatedAlgorithm:
@@ -78,9 +79,10 @@ def aid(
     From :math:`v = 0`, :math:`N` steps of gradient descent on :math:`R` are exactly the Neumann
     series :math:`\gamma\sum_{q<N}(I - \gamma H)^q\nabla_y f` (the first step needs no HVP).
     ``step_rule="tuning_free"`` replaces :math:`\alpha, \beta, \gamma` by inverse cumulative norms
-    started at :math:`1/\text{outer\_lr}, 1/\text{inner\_lr}, 1/\text{v\_lr}` (accumulators kept
-    across outer iterations); as fixed steps these are the hand-tuned baseline of the TFBO paper's
-    comparisons.
+    started at :math:`1/\text{outer\_lr}, 1/\text{inner\_lr}, 1/\text{v\_lr}`, kept across outer
+    iterations except the :math:`v` accumulator under ``v_accumulator="cold"`` (restarted every outer
+    iteration; FedMBO's default chain). With fixed steps this is the hand-tuned baseline of the TFBO
+    paper's comparisons.
     """
     _positive(outer_lr=outer_lr, inner_lr=inner_lr, v_lr=v_lr)
     check(inner_steps >= 0, f"algorithm.params.inner_steps must be >= 0, got {inner_steps}")
@@ -106,6 +108,8 @@ def aid(
                 y = y - (d * acc_y.rsqrt() if tf else inner_lr * d)
             if not warm_start_v:
                 v = torch.zeros_like(y)
+            if v_accumulator == "cold":
+                acc_v = torch.tensor(1.0 / v_lr**2, dtype=x.dtype, device=x.device)
             for s in range(v_steps):
                 if s == 0 and not warm_start_v:  # grad R at v = 0 is -grad_y f: no HVP needed
                     d = -(yield everyone(tasks["upper_grad_y"], (x, y))).mean()
