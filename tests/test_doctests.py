@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("name", ["fedopt.random", "fedopt.algorithms.federated.fedmbo"])
+@pytest.mark.parametrize("name", ["fedopt.random", "fedopt.rates", "fedopt.algorithms.federated.fedmbo"])
 def test_docstring_examples(name):
     module = importlib.import_module(name)  # the package re-exports `fedmbo` the function under the same name
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)

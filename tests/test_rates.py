@@ -1,0 +1,59 @@
+"""Rate shapes, the one-constant fit, and the overlay helper."""
+
+import math
+
+import matplotlib
+import numpy as np
+import pytest
+
+from fedopt import rates
+from plots.rates import plot_with_rate
+
+matplotlib.use("Agg")
+
+
+@pytest.mark.parametrize("rate", [rates.d_tfbo(), rates.s_tfbo()])
+def test_fit_recovers_the_constant_of_an_exact_curve(rate):
+    T = np.geomspace(60, 1e5, 30)
+    assert rate.fit(T, 7.5 * rate.shape(T)) == pytest.approx(7.5, rel=1e-12)
+
+
+def test_fit_uses_the_tail_only():
+    rate = rates.d_tfbo()
+    T = np.arange(1, 101, dtype=float)
+    values = np.where(T <= 50, 100.0 / T, 2.0 / T)  # a transient, then the rate with C = 2
+    assert rate.fit(T, values, tail=0.5) == pytest.approx(2.0, rel=1e-12)
+    assert rate.fit(T, values, tail=1.0) > 2.0
+
+
+def test_shapes_match_the_stated_complexities():
+    """O(1/eps) iterations <=> eps ~ 1/T; O(eps^-1 log^4(1/eps)) <=> eps ~ log^4(T)/T to leading
+    order: plugging eps back into the iteration count gives T (1 - 4 log log T / log T)^4, which
+    rises towards T."""
+    T = np.array([1e6, 1e8, 1e12, 1e20])
+    eps = rates.s_tfbo().shape(T)
+    back = np.log(1 / eps) ** 4 / eps
+    np.testing.assert_allclose(back / T, (1 - 4 * np.log(np.log(T)) / np.log(T)) ** 4, rtol=1e-10)
+    assert np.all(np.diff(back / T) > 0) and np.all(back < T)
+    assert rates.d_tfbo().shape(T) == pytest.approx(1 / T)
+
+
+def test_s_tfbo_shape_is_fitted_only_where_it_decreases():
+    rate = rates.s_tfbo()
+    assert rate.valid_from == pytest.approx(math.exp(4))
+    with pytest.raises(ValueError, match=r"T >= 54.598"):
+        rate.fit(np.arange(1, 50, dtype=float), np.ones(49))
+
+
+def test_overlay_draws_data_and_fitted_rate(tmp_path):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    T = np.geomspace(10, 1000, 20)
+    C = plot_with_rate(ax, T, 3.0 / T, rates.d_tfbo(), label="measured")
+    assert C == pytest.approx(3.0)
+    (data, theory) = ax.get_lines()
+    assert data.get_label() == "measured" and "C/T" in theory.get_label()
+    np.testing.assert_allclose(theory.get_ydata(), 3.0 / theory.get_xdata())
+    assert ax.get_xscale() == ax.get_yscale() == "log"
+    plt.close(fig)
