@@ -13,7 +13,7 @@ Example:
     >>> import numpy as np
     >>> rate = d_tfbo()
     >>> T = np.array([10.0, 100.0, 1000.0])
-    >>> float(rate.fit(T, 3.0 / T))
+    >>> round(rate.fit(T, 3.0 / T), 12)
     3.0
 """
 
