@@ -28,9 +28,15 @@ class VmapEngine(AbstractEngine):
 
     def map_clients(self, task: Task, payload: Any, client_payload: Any, clients: torch.Tensor,
                     keys: torch.Tensor) -> Any:
-        in_dims = (None, 0 if client_payload is not None else None, None, 0, 0)
-        fn = vmap(task.fn, in_dims=in_dims, chunk_size=self.chunk_size)  # a wrapper: cheap to create
-        return fn(payload, client_payload, self.problem.data, clients, keys)
+        # Unbatched inputs (the broadcast payload, the problem's data) are captured by closure rather
+        # than passed with in_dims=None: vmap then never flattens their pytrees (measured: a third
+        # of the per-round cost at 10 clients). The wrappers are cheap to create.
+        data, fn = self.problem.data, task.fn
+        if client_payload is None:
+            per_client = vmap(lambda c, k: fn(payload, None, data, c, k), chunk_size=self.chunk_size)
+            return per_client(clients, keys)
+        per_client = vmap(lambda cp, c, k: fn(payload, cp, data, c, k), chunk_size=self.chunk_size)
+        return per_client(client_payload, clients, keys)
 
 
 @ENGINES.register("vmap")
