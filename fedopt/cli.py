@@ -5,6 +5,11 @@ folder. Exit codes: 0 finished; 2 bad input (config, values, files, arguments: o
 ``fedopt: error: ...`` on stderr, nothing written); 3 the run diverged (NaN/inf; the folder records
 the round); 130 interrupted.
 
+``fedopt sweep SWEEP.toml [--executor serial|process|ray] [--address ADDR] [--workers N] [--out DIR]
+[--quiet]`` runs a sweep (``fedopt.sweep``) into ``DIR`` (default ``sweeps/<sweep name>``; running
+the same command again skips the finished runs). Exit codes: 0 every run finished or diverged; 1 some
+run failed (listed; rerun to retry them); 2 bad input before any run; 130 interrupted.
+
 ``fedopt topology show NAME --n N [--set k=v] [--mixing RULE] [--draw FILE.png]`` prints a
 topology's nodes, edges, degree range and spectral gap.
 """
@@ -52,6 +57,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0 if status == "finished" else 3
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from fedopt.sweep import check_executor, load_sweep, run_sweep
+
+    check_executor(args.executor, args.address)
+    sweep = load_sweep(args.sweep)
+    out = Path(args.out) if args.out else Path("sweeps") / Path(args.sweep).stem
+    dup = f" ({sweep.duplicates} duplicate points dropped)" if sweep.duplicates else ""
+    if not args.quiet:
+        print(f"{len(sweep.points)} runs{dup} -> {out}/")
+    report = run_sweep(sweep, out, executor=args.executor, workers=args.workers, address=args.address,
+                       progress=not args.quiet)
+    print(f"{report.total} runs: {report.skipped} already done, {report.finished} finished, "
+          f"{report.diverged} diverged, {len(report.failed)} failed in {report.wall_s:.1f}s")
+    for line in report.failed:
+        print(f"failed: {line}", file=sys.stderr)
+    print(f"wrote {report.table_path}")
+    return 1 if report.failed else 0
+
+
 def _cmd_topology_show(args: argparse.Namespace) -> int:
     from fedopt.config import _parse_value
     from fedopt.errors import check
@@ -89,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="a new folder for the outputs (default: runs/<config>-<time>)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_run)
+    sw = sub.add_parser("sweep", help="run a sweep of configs into one results table")
+    sw.add_argument("sweep", help="sweep file (TOML: base config, [grid], [[zip]])")
+    sw.add_argument("--executor", default="serial", help="serial (default), process or ray")
+    sw.add_argument("--address", default=None, help="ray: an existing cluster ('auto' or 'ray://host:port')")
+    sw.add_argument("--workers", type=int, default=None, help="parallel runs (default: the CPU count)")
+    sw.add_argument("--out", default=None, help="sweep folder (default sweeps/<sweep name>; reused to resume)")
+    sw.add_argument("--quiet", action="store_true", help="no progress bar")
+    sw.set_defaults(func=_cmd_sweep)
     t = sub.add_parser("topology", help="inspect gossip topologies")
     tsub = t.add_subparsers(dest="topology_command", metavar="ACTION", parser_class=_Parser)
     tsub.required = True
