@@ -390,9 +390,10 @@ def run_sweep(sweep: Sweep, out: str | Path, *, executor: str = "serial", worker
                 failed.append(f"{point.run_id} ({result.get('error', '')})")
             else:
                 counts[result["status"]] += 1
-            bar.update(1)
             done = skipped + counts["finished"] + counts["diverged"]
-            bar.set_postfix(done=done, failed=len(failed), remaining=len(sweep.points) - done - len(failed))
+            bar.set_postfix(done=done, failed=len(failed), remaining=len(sweep.points) - done - len(failed),
+                            refresh=False)
+            bar.update(1)
     table = combined_table(sweep, out)
     table_path = out / "results.csv"
     results.atomic_write(table_path, table.to_csv(index=False))
