@@ -10,6 +10,10 @@ the round); 130 interrupted.
 the same command again skips the finished runs). Exit codes: 0 every run finished or diverged; 1 some
 run failed (listed; rerun to retry them); 2 bad input before any run; 130 interrupted.
 
+``fedopt reproduce --list`` lists the paper figures; ``fedopt reproduce ID [--quick] [--out DIR]
+[--executor E]`` reruns one (``fedopt.figures``) into ``DIR`` (default ``figures/ID`` or
+``figures/ID-quick``): its sweep, ``ID.png``, ``ID.pdf`` and ``summary.json``.
+
 ``fedopt topology show NAME --n N [--set k=v] [--mixing RULE] [--draw FILE.png]`` prints a
 topology's nodes, edges, degree range and spectral gap.
 """
@@ -76,6 +80,24 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from fedopt.errors import check
+    from fedopt.figures import FIGURES, reproduce
+    from fedopt.sweep import check_executor
+
+    if args.list:
+        for fig in FIGURES.values():
+            print(f"{fig.id}  {fig.title}\n    data: {fig.dataset}\n    unverified: {fig.unverified}")
+        return 0
+    check(args.figure is not None, "give a figure id (fedopt reproduce --list shows them)")
+    check_executor(args.executor, None)
+    out = Path(args.out) if args.out else Path("figures") / (args.figure + ("-quick" if args.quick else ""))
+    summary = reproduce(args.figure, out, quick=args.quick, executor=args.executor)
+    print(f"{args.figure} in {summary['wall_time_s']:.0f}s: wrote {out}/ ({args.figure}.png, {args.figure}.pdf, "
+          "summary.json)")
+    return 0
+
+
 def _cmd_topology_show(args: argparse.Namespace) -> int:
     from fedopt.config import _parse_value
     from fedopt.errors import check
@@ -121,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", default=None, help="sweep folder (default sweeps/<sweep name>; reused to resume)")
     sw.add_argument("--quiet", action="store_true", help="no progress bar")
     sw.set_defaults(func=_cmd_sweep)
+    rp = sub.add_parser("reproduce", help="rerun a paper figure (fedopt reproduce --list)")
+    rp.add_argument("figure", nargs="?", help="figure id, e.g. F1")
+    rp.add_argument("--list", action="store_true", help="list the figures")
+    rp.add_argument("--quick", action="store_true", help="small budgets: under 3 minutes on 2 cores")
+    rp.add_argument("--out", default=None, help="output folder (default figures/ID[-quick]; reused to resume)")
+    rp.add_argument("--executor", default="serial", help="sweep executor: serial, process or ray")
+    rp.set_defaults(func=_cmd_reproduce)
     t = sub.add_parser("topology", help="inspect gossip topologies")
     tsub = t.add_subparsers(dest="topology_command", metavar="ACTION", parser_class=_Parser)
     tsub.required = True

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Rate", "d_tfbo", "s_tfbo"]
+__all__ = ["Rate", "d_tfbo", "fedmbo", "s_tfbo"]
 
 
 @dataclass(frozen=True)
@@ -75,3 +75,19 @@ def s_tfbo() -> Rate:
     return Rate("S-TFBO", "(1/T) sum_t ||grad Phi(x_t)||^2", r"$C\log^4 T/T$",
                 "Yang et al., ICLR 2025 (arXiv:2410.05140), S-TFBO: O(eps^-1 log^4(1/eps)) iterations",
                 exponent_verified=True, shape=lambda T: np.log(T) ** 4 / T, valid_from=math.exp(4))
+
+
+def fedmbo(n: int) -> Rate:
+    r"""FedMBO with :math:`n` clients sampled per round: :math:`\frac1K\sum_{k<K}\mathbb{E}\|\nabla\Phi(x_k)\|^2
+    = O\big(\tfrac{1}{\sqrt{nK}} + \tfrac1K + \tfrac{\sqrt n}{K^{3/2}}\big)` with
+    :math:`\alpha = \Theta(\sqrt{n/K})` (Huang, Zhang and Ji, "Achieving Linear Speedup in Non-IID
+    Federated Bilevel Learning", ICML 2023, main theorem; ``papers/fedmbo.md``). The three terms'
+    constants differ in the theorem; here one constant scales their sum, which is exact only up to
+    those constants. Linear speedup: iterations to :math:`\varepsilon` scale as :math:`1/(n\varepsilon^2)`."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return Rate(f"FedMBO (n = {n})", "(1/K) sum_k E||grad Phi(x_k)||^2",
+                r"$C(1/\sqrt{nK} + 1/K + \sqrt{n}/K^{1.5})$",
+                "Huang, Zhang and Ji, ICML 2023 (FedMBO), linear speedup in the sampled clients",
+                exponent_verified=True,
+                shape=lambda K: 1 / np.sqrt(n * K) + 1 / K + np.sqrt(n) / K**1.5)

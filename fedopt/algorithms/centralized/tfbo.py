@@ -9,7 +9,7 @@ FedMBO with one client and full participation *is* :func:`aid` with ``warm_start
 MA-DSBO with one node *is* :func:`aid` with ``warm_start_v=True`` and its ``theta``
 (``tests/algorithms/test_tfbo.py`` checks both to 1e-10, with fixed and with tuning-free steps).
 
-Measured (``experiments/tfbo_robustness.py``, F6): from initial steps 0.1 to 10 both TFBO methods
+Measured (``fedopt reproduce F6``): from initial steps 0.1 to 10 both TFBO methods
 reach :math:`\|\nabla\Phi\|^2 \le 10^{-8}` on the noise-free quadratic where fixed steps of 1 and 10
 diverge; from 1e-3 and 1e-2 nothing reaches it on a feasible budget, because accumulators only grow:
 D-TFBO's x-step stays below :math:`s`, S-TFBO's is about :math:`s^2` (the :math:`1/(\alpha\varphi)`

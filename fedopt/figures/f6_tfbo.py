@@ -11,19 +11,16 @@ Panels:
   (c) D-TFBO's rate: (1/K) sum_k ||grad Phi(x_k)||^2 against K, each run with the paper's inner
       tolerance 1/K, with C/K fitted on the tail; S-TFBO's running average with C log^4(T)/T.
 
-Writes tfbo_robustness.png and tfbo_robustness.json (every number of the figure) to --out.
-
-    python experiments/tfbo_robustness.py [--quick] [--out docs/figures]
+``fedopt reproduce F6 [--quick] [--out DIR]`` writes F6.png, F6.pdf and summary.json (every number
+of the figure); the quick version runs a fifth of every budget.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import time
-import tomllib
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -33,9 +30,9 @@ import numpy as np  # noqa: E402
 
 import fedopt  # noqa: E402
 from fedopt import rates  # noqa: E402
+from fedopt.figures import base_config  # noqa: E402
 from plots.rates import plot_with_rate  # noqa: E402
 
-CONFIGS = Path(__file__).parent / "configs"
 QUAD_STEPS = [1e-3, 1e-2, 1e-1, 1.0, 10.0]
 HC_STEPS = [0.1, 1.0, 10.0, 100.0, 1000.0]
 
@@ -56,11 +53,6 @@ METHODS = {
     "AID (fixed)": ("aid", lambda s: {**fixed(s), "inner_steps": 10, "v_steps": 10}, (300, 100)),
 }
 TUNED_GRID = [(outer, inner) for outer in (10.0, 100.0, 1000.0) for inner in (0.1, 1.0)]
-
-
-def base(name: str) -> dict:
-    with open(CONFIGS / name, "rb") as f:
-        return tomllib.load(f)
 
 
 def run(raw: dict, algorithm: str, params: dict, rounds: int, eval_every: int | None = None):
@@ -85,8 +77,6 @@ def robustness(raw: dict, steps: list[float], metric: str, which: int, scale: fl
             row = {"s": s, "rounds": rounds, "status": df.attrs["status"], "value": final(df, metric),
                    "grad_calls": final(df, "grad_calls"), "wall_s": round(wall, 2)}
             out.setdefault(method, []).append(row)
-            print(f"{method:13s} s={s:<7g} {rounds:6d} it  {row['status']:8s} {metric} {row['value']:.3e}  "
-                  f"({wall:.1f}s)", flush=True)
     return out
 
 
@@ -112,7 +102,6 @@ def tuned_baseline(raw: dict, scale: float) -> dict:
     for outer, inner in TUNED_GRID:
         df, _ = run(raw, "soba", {"outer_lr": outer, "inner_lr": inner, "v_lr": inner}, rounds)
         acc = final(df, "test_acc") if df.attrs["status"] == "finished" else -1.0
-        print(f"tuned SOBA grid outer={outer:g} inner=v={inner:g}: test_acc {acc:.4f}", flush=True)
         if best is None or acc > best["test_acc"]:
             best = {"outer_lr": outer, "inner_lr": inner, "test_acc": acc}
     return best
@@ -167,33 +156,22 @@ def figure(data: dict, path: Path) -> None:
     axes[2].legend(fontsize=7)
     axes[2].grid(alpha=0.3, which="both")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "figures"))
-    ap.add_argument("--quick", action="store_true", help="a fifth of every budget (about a minute)")
-    args = ap.parse_args()
-    scale = 0.2 if args.quick else 1.0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    quad, hc = base("tfbo_quadratic.toml"), base("tfbo_hyper_cleaning.toml")
-    data = {"quick": args.quick,
-            "quadratic": robustness(quad, QUAD_STEPS, "hypergrad_norm_sq", 0, scale),
+def make(out: Path, quick: bool, executor: str) -> dict[str, Any]:
+    del executor  # a handful of runs per panel, each short: run in this process
+    scale = 0.2 if quick else 1.0
+    quad, hc = base_config("tfbo_quadratic.toml"), base_config("tfbo_hyper_cleaning.toml")
+    data = {"quadratic": robustness(quad, QUAD_STEPS, "hypergrad_norm_sq", 0, scale),
             "hyper_cleaning": robustness(hc, HC_STEPS, "test_acc", 1, scale),
             "tuned_soba": tuned_baseline(hc, scale),
             "rates": rate_curves(quad, scale)}
     K, avg = data["rates"]["d_tfbo"]["K"], data["rates"]["d_tfbo"]["avg_hypergrad_norm_sq"]
     data["d_tfbo_slope"] = float(np.polyfit(np.log(K), np.log(avg), 1)[0])
-    figure(data, out / "tfbo_robustness.png")
-    (out / "tfbo_robustness.json").write_text(json.dumps(data, indent=1, default=float) + "\n")
-    print(f"D-TFBO log-log slope of the averaged squared hypergradient: {data['d_tfbo_slope']:.2f} (theory -1)")
-    print(f"wrote {out / 'tfbo_robustness.png'} and tfbo_robustness.json")
-
-
-if __name__ == "__main__":
-    main()
+    figure(data, out / "F6.png")
+    figure(data, out / "F6.pdf")
+    return data
