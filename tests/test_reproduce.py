@@ -45,3 +45,27 @@ def test_list_and_bad_ids(capsys):
     assert "unknown figure 'F9'; available: F1, F5, F6" in capsys.readouterr().err
     assert main(["reproduce"]) == 2
     assert main(["reproduce", "F1", "--executor", "dask"]) == 2
+
+
+def test_f6_figure_draws_from_its_numbers(tmp_path):
+    """The F6 drawing code on a small table of numbers (the full runs are the TFBO tests' business):
+    diverged points, the tuned line and both rate overlays with their fitted constants."""
+    import numpy as np
+
+    from fedopt.figures import f6_tfbo
+
+    def rows(values, status=None):
+        return [{"s": s, "rounds": 10, "status": (status or {}).get(s, "finished"), "value": v}
+                for s, v in zip([1e-3, 1e-2, 1e-1, 1.0, 10.0], values, strict=True)]
+
+    K = [25, 50, 100, 200]
+    T = np.unique(np.geomspace(1, 3000, 40).astype(int))
+    data = {"quadratic": {"S-TFBO": rows([0.4, 0.3, 1e-10, 1e-30, 1e-30]),
+                          "SOBA (fixed)": rows([5e-3, 1e-15, 1e-30, 0.45, 0.45], {1.0: "diverged", 10.0: "diverged"})},
+            "hyper_cleaning": {"S-TFBO": rows([0.89, 0.9, 0.91, 0.91, 0.91])},
+            "tuned_soba": {"outer_lr": 1000.0, "inner_lr": 1.0, "test_acc": 0.93},
+            "rates": {"d_tfbo": {"K": K, "avg_hypergrad_norm_sq": [1.5 / k for k in K]},
+                      "s_tfbo": {"T": T.tolist(), "running_avg_hypergrad_norm_sq": (2.0 / T).tolist()}}}
+    f6_tfbo.figure(data, tmp_path / "F6.png")
+    assert (tmp_path / "F6.png").stat().st_size > 10_000
+    assert data["fitted"]["d_tfbo_C"] == pytest.approx(1.5)

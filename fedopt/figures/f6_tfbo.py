@@ -123,6 +123,11 @@ def _panel(ax, results: dict, log: bool, ceiling: float | None = None) -> None:
     ax.grid(alpha=0.3)
 
 
+def _budgets(results: dict) -> str:
+    """"S-TFBO 10000, D-TFBO 300, ...": each method's budget in outer iterations."""
+    return ", ".join(f"{m.split()[0]} {rows[0]['rounds']}" for m, rows in results.items())
+
+
 def figure(data: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     q = data["quadratic"]
@@ -130,18 +135,16 @@ def figure(data: dict, path: Path) -> None:
     _panel(axes[0], q, log=True, ceiling=ceiling)
     axes[0].axhline(1e-8, color="gray", ls=":", lw=1, label="1e-8")
     axes[0].set_ylabel(r"final $\|\nabla\Phi(x)\|^2$")
-    b = {m: rows[0]["rounds"] for m, rows in q.items()}
-    axes[0].set_title(f"(a) quadratic: S-TFBO/SOBA {b['S-TFBO']} it., D-TFBO/AID {b['D-TFBO']}\n"
-                      "(x = diverged; points offset slightly in s)", fontsize=10)
+    axes[0].set_title(f"(a) quadratic, iterations: {_budgets(q)}\n(x = diverged; points offset slightly in s)",
+                      fontsize=9)
     axes[0].legend(fontsize=8)
     _panel(axes[1], data["hyper_cleaning"], log=False)
     t = data["tuned_soba"]
     axes[1].axhline(t["test_acc"], color="k", ls="--", lw=1,
                     label=f"tuned SOBA (outer {t['outer_lr']:g}, inner {t['inner_lr']:g})")
     axes[1].set_ylabel("test accuracy")
-    b = {m: rows[0]["rounds"] for m, rows in data["hyper_cleaning"].items()}
-    axes[1].set_title(f"(b) hyper-cleaning, digits, 40% corrupted\nS-TFBO/SOBA {b['S-TFBO']} it., "
-                      f"D-TFBO/AID {b['D-TFBO']}", fontsize=10)
+    axes[1].set_title(f"(b) hyper-cleaning, digits, 40% corrupted\niterations: {_budgets(data['hyper_cleaning'])}",
+                      fontsize=9)
     axes[1].legend(fontsize=8)
     r = data["rates"]
     data["fitted"] = {
