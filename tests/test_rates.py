@@ -12,7 +12,8 @@ from plots.rates import plot_with_rate
 matplotlib.use("Agg")
 
 
-@pytest.mark.parametrize("rate", [rates.d_tfbo(), rates.s_tfbo()])
+@pytest.mark.parametrize("rate", [rates.d_tfbo(), rates.s_tfbo(), rates.fedmbo(4), rates.ma_dsbo(), rates.dbo(),
+                                  rates.dbo_stochastic()], ids=lambda r: r.name)
 def test_fit_recovers_the_constant_of_an_exact_curve(rate):
     T = np.geomspace(60, 1e5, 30)
     assert rate.fit(T, 7.5 * rate.shape(T)) == pytest.approx(7.5, rel=1e-12)
@@ -57,3 +58,16 @@ def test_overlay_draws_data_and_fitted_rate(tmp_path):
     np.testing.assert_allclose(theory.get_ydata(), 3.0 / theory.get_xdata())
     assert ax.get_xscale() == ax.get_yscale() == "log"
     plt.close(fig)
+
+
+def test_fedmbo_rate_speeds_up_linearly_in_n_where_the_first_term_dominates():
+    K = np.array([1e8])
+    ratio = rates.fedmbo(1).shape(K) / rates.fedmbo(16).shape(K)
+    assert ratio == pytest.approx(4.0, rel=1e-3)  # 1/sqrt(nK): 16x the clients, 4x smaller bound
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        rates.fedmbo(0)
+
+
+def test_unverified_exponents_are_marked():
+    assert not rates.ma_dsbo().exponent_verified and not rates.dbo().exponent_verified
+    assert rates.fedmbo(1).exponent_verified and rates.d_tfbo().exponent_verified
