@@ -291,20 +291,26 @@ def apply_overrides(raw: Mapping[str, Any], overrides: list[str]) -> dict[str, A
     for item in overrides:
         check("=" in item, f"--set expects key=value, got {item!r}")
         path, text = item.split("=", 1)
-        keys = path.strip().split(".")
-        check(all(keys), f"--set key {path!r} is malformed; use dotted keys like algorithm.params.outer_lr")
-        node = out
-        for k in keys[:-1]:
-            nxt = node.get(k)
-            if isinstance(nxt, str) and k in ("engine", "problem", "algorithm", "data", "partition", "topology"):
-                nxt = {"name": nxt}  # allow `engine = "vmap"` shorthand to be extended
-            if nxt is None:
-                nxt = {}
-            check(isinstance(nxt, dict), f"--set {path}: {k!r} is not a table")
-            node[k] = nxt
-            node = nxt
-        node[keys[-1]] = _parse_value(text.strip())
+        set_path(out, path.strip(), _parse_value(text.strip()), where="--set")
     return out
+
+
+def set_path(raw: dict[str, Any], path: str, value: Any, *, where: str) -> None:
+    """Set the dotted ``path`` of a raw config to ``value`` in place, creating tables on the way
+    (``where`` names the source in errors: ``--set`` or a sweep axis)."""
+    keys = path.split(".")
+    check(all(keys), f"{where} key {path!r} is malformed; use dotted keys like algorithm.params.outer_lr")
+    node = raw
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if isinstance(nxt, str) and k in ("engine", "problem", "algorithm", "data", "partition", "topology"):
+            nxt = {"name": nxt}  # allow `engine = "vmap"` shorthand to be extended
+        if nxt is None:
+            nxt = {}
+        check(isinstance(nxt, dict), f"{where} {path}: {k!r} is not a table")
+        node[k] = nxt
+        node = nxt
+    node[keys[-1]] = value
 
 
 def load_raw(path: str | Path) -> dict[str, Any]:

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from fedopt import results
-from fedopt.config import RunConfig, load_raw, parse_config
+from fedopt.config import RunConfig, load_raw, parse_config, set_path
 from fedopt.errors import ConfigError, check
 
 __all__ = ["EXECUTORS", "Point", "Sweep", "load_sweep", "run_id", "run_sweep"]
@@ -78,21 +78,6 @@ def run_id(cfg: RunConfig) -> str:
     """The run's identity: the first 16 hex digits of the SHA-256 of its resolved config."""
     canon = json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
-
-
-def _set_path(raw: dict[str, Any], path: str, value: Any) -> None:
-    keys = path.split(".")
-    node = raw
-    for k in keys[:-1]:
-        nxt = node.get(k)
-        if isinstance(nxt, str) and k in ("engine", "problem", "algorithm", "data", "partition", "topology"):
-            nxt = {"name": nxt}
-        if nxt is None:
-            nxt = {}
-        check(isinstance(nxt, dict), f"sweep axis {path!r}: {k!r} is not a table in the base config")
-        node[k] = nxt
-        node = nxt
-    node[keys[-1]] = json.loads(json.dumps(value))  # a private copy
 
 
 def _axes(spec: Mapping[str, Any]) -> list[list[dict[str, Any]]]:
@@ -156,8 +141,7 @@ def load_sweep(source: str | Path | Mapping[str, Any], *, base_dir: Path | None 
         # shallower keys first, so an axis over a whole table ("algorithm") never clobbers an axis
         # inside it ("algorithm.params.outer_lr")
         for key, value in sorted(assignments.items(), key=lambda kv: kv[0].count(".")):
-            check(bool(key) and all(key.split(".")), f"sweep axis key {key!r} is malformed")
-            _set_path(raw, key, value)
+            set_path(raw, key, json.loads(json.dumps(value)), where="sweep axis")
         try:
             cfg = parse_config(raw)
         except ConfigError as e:
