@@ -52,6 +52,10 @@ def _positive(**values: float) -> None:
         check(val > 0, f"algorithm.params.{name} must be > 0, got {val}")
 
 
+def _batch_size(batch_size: int | None) -> None:
+    check(batch_size is None or batch_size >= 1, f"algorithm.params.batch_size must be >= 1, got {batch_size}")
+
+
 def _everyone(problem: AbstractBilevelProblem):
     """A round on all clients (the full-federation average)."""
     M = problem.num_clients
@@ -94,7 +98,7 @@ def aid(
     check(inner_steps >= 0, f"algorithm.params.inner_steps must be >= 0, got {inner_steps}")
     check(v_steps >= 1, f"algorithm.params.v_steps must be >= 1, got {v_steps}")
     check(0 < theta <= 1, f"algorithm.params.theta must be in (0, 1], got {theta}")
-    check(batch_size is None or batch_size >= 1, f"algorithm.params.batch_size must be >= 1, got {batch_size}")
+    _batch_size(batch_size)
     tf = step_rule == "tuning_free"
 
     def program(problem: AbstractBilevelProblem, x: torch.Tensor, y: torch.Tensor, K: int,
@@ -171,7 +175,7 @@ def d_tfbo(
     _positive(alpha0=alpha0, beta0=beta0, gamma0=gamma0)
     check(tolerance >= 0, f"algorithm.params.tolerance must be >= 0, got {tolerance}")
     check(inner_steps >= 1 and max_inner >= 1, "algorithm.params.inner_steps and max_inner must be >= 1")
-    check(batch_size is None or batch_size >= 1, f"algorithm.params.batch_size must be >= 1, got {batch_size}")
+    _batch_size(batch_size)
 
     def program(problem: AbstractBilevelProblem, x: torch.Tensor, y: torch.Tensor, K: int,
                 key: torch.Tensor) -> Program:
@@ -233,7 +237,7 @@ def s_tfbo(
     """
     _positive(alpha0=alpha0, beta0=beta0, gamma0=gamma0)
     check(eps >= 0, f"algorithm.params.eps must be >= 0, got {eps}")
-    check(batch_size is None or batch_size >= 1, f"algorithm.params.batch_size must be >= 1, got {batch_size}")
+    _batch_size(batch_size)
 
     def program(problem: AbstractBilevelProblem, x: torch.Tensor, y: torch.Tensor, K: int,
                 key: torch.Tensor) -> Program:
@@ -269,7 +273,7 @@ def soba(
     :math:`v \mathrel{-}= \gamma\nabla_v R`, :math:`x \mathrel{-}= \alpha\bar\nabla f`, all at the
     current point."""
     _positive(outer_lr=outer_lr, inner_lr=inner_lr, v_lr=v_lr)
-    check(batch_size is None or batch_size >= 1, f"algorithm.params.batch_size must be >= 1, got {batch_size}")
+    _batch_size(batch_size)
 
     def program(problem: AbstractBilevelProblem, x: torch.Tensor, y: torch.Tensor, K: int,
                 key: torch.Tensor) -> Program:
