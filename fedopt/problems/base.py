@@ -25,8 +25,9 @@ import torch
 
 if TYPE_CHECKING:
     from fedopt.data import FederatedData
+    from fedopt.problems.ysets import YSet
 
-__all__ = ["AbstractBilevelProblem", "Batch", "ProblemContext"]
+__all__ = ["AbstractBilevelProblem", "AbstractMinimaxProblem", "Batch", "ProblemContext"]
 
 Batch = Any  # a pytree of tensors
 
@@ -81,4 +82,56 @@ class AbstractBilevelProblem(ABC):
 
     def lower_smoothness(self) -> float | None:
         """An upper bound on :math:`\\max_i \\lambda_{\\max}(\\nabla^2_{yy} g_i)` if known."""
+        return None
+
+
+class AbstractMinimaxProblem(ABC):
+    r"""A federated minimax problem over ``num_clients`` clients.
+
+    .. math::
+        \min_{x} \max_{y \in Y} f(x, y) = \frac1M \sum_{i=1}^M f_i(x, y), \qquad
+        \Phi(x) = \max_{y \in Y} f(x, y)
+
+    ``x`` descends, ``y`` ascends and stays in ``y_set`` (projected by the algorithms). As for
+    bilevel problems, client tasks see only the pure functions ``batch`` and ``loss``; ``metrics``
+    runs on the server with exact (closed-form or full-data) quantities.
+
+    ``problem_class`` names the structure the theory needs (``"NC-SC"``, ``"NC-PL"``, ``"PL-PL"``,
+    ``"NC-C"``, ``"form2"``, ``"NC-NC"``); ``measures`` lists the stationarity measures ``metrics``
+    reports for it, and ``measure`` (one of them) is also reported as ``stationarity``, the value
+    figures and sweeps compare across classes. ``smoothness`` is the smoothness constant :math:`l`
+    when known (FESS-GDA's ``p = 2l`` default needs it).
+    """
+
+    num_clients: int
+    x_dim: int
+    y_dim: int
+    data: dict[str, torch.Tensor]
+    dtype: torch.dtype
+    device: torch.device
+    y_set: YSet
+    problem_class: str
+    measures: tuple[str, ...]
+    measure: str
+    closed_form: dict[tuple[str, str], object] = {}
+
+    @abstractmethod
+    def init(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The starting point ``(x0, y0)`` with ``y0`` in ``y_set``; deterministic given the seed."""
+
+    @abstractmethod
+    def batch(self, data: dict[str, torch.Tensor], client: torch.Tensor, key: torch.Tensor,
+              batch_size: int | None) -> Batch:
+        r"""A minibatch :math:`\xi` of client ``client``'s data."""
+
+    @abstractmethod
+    def loss(self, x: torch.Tensor, y: torch.Tensor, batch: Batch) -> torch.Tensor:
+        r""":math:`f_i(x, y; \xi)`."""
+
+    @abstractmethod
+    def metrics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """Exact progress measures at ``(x, y)``, including ``stationarity``."""
+
+    def smoothness(self) -> float | None:
+        """The smoothness constant :math:`l` of every :math:`f_i` if known."""
         return None
