@@ -344,8 +344,26 @@ def build(cfg: RunConfig) -> Built:
         data = federate(dataset, parts, val_fraction=cfg.data.val_fraction, seed=cfg.seed)
     context = ProblemContext(clients=cfg.clients, seed=cfg.seed, dtype=dtype, device=device, data=data)
     problem = PROBLEMS.get(cfg.problem.name)(context, **cfg.problem.params)
+    from fedopt.problems.base import AbstractMinimaxProblem
+
+    solves = getattr(algorithm, "solves", "bilevel")
+    is_minimax = isinstance(problem, AbstractMinimaxProblem)
+    check(is_minimax == (solves == "minimax"),
+          f"algorithm {cfg.algorithm.name!r} solves {solves} problems but problem {cfg.problem.name!r} is "
+          f"{'minimax' if is_minimax else 'bilevel'}; allowed: "
+          + (", ".join(n for n in PROBLEMS.names() if _is_minimax_factory(n) == (solves == "minimax"))))
     engine = ENGINES.get(cfg.engine.name)(problem, **cfg.engine.params)
     return Built(problem, algorithm, engine, network)
+
+
+def _is_minimax_factory(name: str) -> bool:
+    """Whether problem ``name``'s factory returns a minimax problem (from its return annotation)."""
+    import typing
+
+    from fedopt.problems.base import AbstractMinimaxProblem
+
+    ret = typing.get_type_hints(PROBLEMS.get(name)).get("return")
+    return isinstance(ret, type) and issubclass(ret, AbstractMinimaxProblem)
 
 
 def execute(cfg: RunConfig, built: Built | None = None, *, progress: bool = False) -> tuple[RunResult, float]:

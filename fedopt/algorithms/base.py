@@ -113,7 +113,7 @@ Program = Generator[Round | Iterate, Replies | None, None]
 
 @dataclass(frozen=True)
 class FederatedAlgorithm:
-    """A federated bilevel algorithm: its server program and what the runner must know of it.
+    """A federated algorithm: its server program and what the runner must know of it.
 
     ``program(problem, x0, y0, K, key)`` runs ``K`` outer iterations; ``key`` is the server's own
     random stream (random truncations and the like).
@@ -123,6 +123,7 @@ class FederatedAlgorithm:
     clients_per_round: int | None  # None: every round asks all clients (centralized methods)
     replace: bool
     program: Callable[[AbstractBilevelProblem, torch.Tensor, torch.Tensor, int, torch.Tensor], Program]
+    solves: str = "bilevel"  # or "minimax": the kind of problem the program expects
 
 
 @dataclass(frozen=True)

@@ -159,7 +159,7 @@ def fess_gda(
             z = z + beta * (x - z)
             yield Iterate(t + 1, x, y)
 
-    return FederatedAlgorithm("fess_gda", clients_per_round, replace, program)
+    return FederatedAlgorithm("fess_gda", clients_per_round, replace, program, "minimax")
 
 
 def _local_sgda_program(name: str, opt: LocalGDA, m: int, replace: bool, snapshot_every: int):
@@ -196,7 +196,7 @@ def local_sgda(
     _check_common(lr_x, lr_y, local_steps, clients_per_round, batch_size)
     opt = LocalGDA(local_steps, lr_x, lr_y, batch_size, order=order)
     return FederatedAlgorithm("local_sgda", clients_per_round, replace,
-                              _local_sgda_program("local_sgda", opt, clients_per_round, replace, 0))
+                              _local_sgda_program("local_sgda", opt, clients_per_round, replace, 0), "minimax")
 
 
 @ALGORITHMS.register("local_sgda_plus")
@@ -218,7 +218,7 @@ def local_sgda_plus(
     check(snapshot_every >= 1, f"{_P}.snapshot_every must be >= 1, got {snapshot_every}")
     opt = LocalGDA(local_steps, lr_x, lr_y, batch_size, order=order, snapshot=True)
     return FederatedAlgorithm("local_sgda_plus", clients_per_round, replace,
-                              _local_sgda_program("local_sgda_plus", opt, clients_per_round, replace, snapshot_every))
+                              _local_sgda_program("local_sgda_plus", opt, clients_per_round, replace, snapshot_every), "minimax")
 
 
 @ALGORITHMS.register("sagda")
@@ -260,7 +260,7 @@ def sagda(
             y = problem.y_set.project(y + lr_y_global * (y_bar - y))
             yield Iterate(t + 1, x, y)
 
-    return FederatedAlgorithm("sagda", clients_per_round, replace, program)
+    return FederatedAlgorithm("sagda", clients_per_round, replace, program, "minimax")
 
 
 @ALGORITHMS.register("fed_norm_sgda")
@@ -307,4 +307,4 @@ def fed_norm_sgda(
             y = problem.y_set.project(y + tau * lr_y_global * lr_y * h_y)
             yield Iterate(t + 1, x, y)
 
-    return FederatedAlgorithm("fed_norm_sgda", clients_per_round, replace, program)
+    return FederatedAlgorithm("fed_norm_sgda", clients_per_round, replace, program, "minimax")
