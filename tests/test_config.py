@@ -37,7 +37,7 @@ BAD = {
     "wrong literal": (["algorithm.params.truncation=sometimes"], "must be one of 'full', 'random'"),
     "negative step": (["algorithm.params.inner_lr=-0.1"], "algorithm.params.inner_lr must be > 0, got -0.1"),
     "too many sampled": (["algorithm.params.clients_per_round=9"], "clients_per_round = 9 exceeds clients = 8; allowed: 1..8"),
-    "unknown algorithm": (["algorithm.name=fedavgx"], "unknown algorithm 'fedavgx'; available: aid, d_tfbo, dbo, dbo_stochastic, fedmbo, fednest, lfednest, ma_dsbo, ma_dsbo_gt, s_tfbo, soba"),
+    "unknown algorithm": (["algorithm.name=fedavgx"], "unknown algorithm 'fedavgx'; available: aid, d_tfbo, dbo, dbo_stochastic, fed_norm_sgda, fedmbo, fednest, fess_gda, lfednest, local_sgda, local_sgda_plus, ma_dsbo, ma_dsbo_gt, s_tfbo, sagda, soba"),
     "unknown problem": (["problem.name=cubic"], "unknown problem 'cubic'; available:"),
     "unknown engine": (["engine.name=gpu"], "unknown engine 'gpu'; available: local, vmap"),
     "bad dtype": (["dtype=float16"], "dtype must be one of float32, float64"),
@@ -76,7 +76,7 @@ def test_non_positive_alpha(alpha):
 def test_unknown_dataset_lists_the_available_ones():
     raw = _digits(alpha=0.5)
     raw["data"]["name"] = "cifar10"
-    with pytest.raises(ConfigError, match="unknown dataset 'cifar10'; available: digits, fashion_mnist, mnist5k, synthetic"):
+    with pytest.raises(ConfigError, match="unknown dataset 'cifar10'; available: adult, digits, fashion_mnist, mnist5k, synthetic"):
         load_config(raw)
 
 

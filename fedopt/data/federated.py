@@ -2,7 +2,8 @@
 
 Client ``i``'s training samples are rows ``train_offsets[i] : train_offsets[i] + train_counts[i]``
 of ``x_train`` (likewise for validation). Flat storage (no padding) lets a batched engine draw the
-minibatches of all picked clients with one gather, whatever the clients' sizes.
+minibatches of all picked clients with one gather, whatever the clients' sizes. A dataset's
+per-sample groups (if any) travel in the same row order as ``g_train`` / ``g_val`` (and ``g_test``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ class FederatedData:
     val_counts: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    g_train: np.ndarray | None = None  # per-row group, same order as x_train (None: no groups)
+    g_val: np.ndarray | None = None
+    g_test: np.ndarray | None = None
+    group_names: tuple[str, ...] = ()
 
     @property
     def num_features(self) -> int:
@@ -60,11 +65,14 @@ def federate(dataset: Dataset, parts: list[np.ndarray], *, val_fraction: float, 
         counts = np.array([len(i) for i in idx_lists], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         idx = np.concatenate(idx_lists)
-        return dataset.x_train[idx], dataset.y_train[idx], offsets, counts
+        return dataset.x_train[idx], dataset.y_train[idx], offsets, counts, idx
 
-    xtr, ytr, otr, ctr = flat(tr)
-    xva, yva, ova, cva = flat(va)
+    xtr, ytr, otr, ctr, itr = flat(tr)
+    xva, yva, ova, cva, iva = flat(va)
+    g = getattr(dataset, "g_train", None)
     return FederatedData(
         dataset.name, len(parts), dataset.num_classes, xtr, ytr, otr, ctr, xva, yva, ova, cva,
         dataset.x_test, dataset.y_test,
+        g_train=None if g is None else g[itr], g_val=None if g is None else g[iva],
+        g_test=getattr(dataset, "g_test", None), group_names=tuple(getattr(dataset, "group_names", ())),
     )

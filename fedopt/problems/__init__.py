@@ -1,4 +1,4 @@
-"""Federated bilevel problems: *what* is optimised (see :mod:`fedopt.problems.base`)."""
+"""Federated bilevel and minimax problems: *what* is optimised (see :mod:`fedopt.problems.base`)."""
 
 from fedopt.problems.base import AbstractBilevelProblem, AbstractMinimaxProblem, ProblemContext
 from fedopt.problems.classification import (
@@ -9,6 +9,8 @@ from fedopt.problems.classification import (
     hyper_representation,
     regularization_selection,
 )
+from fedopt.problems.fair import FairClassification, fair_classification
+from fedopt.problems.gan import GanMixture, gan_mixture
 from fedopt.problems.minimax import (
     MinimaxQuadratic,
     NCPLQuadratic,
@@ -24,6 +26,8 @@ from fedopt.problems.quadratic import QuadraticBilevel, quadratic
 __all__ = [
     "AbstractBilevelProblem",
     "AbstractMinimaxProblem",
+    "FairClassification",
+    "GanMixture",
     "HyperCleaning",
     "HyperRepresentation",
     "MinimaxQuadratic",
@@ -32,6 +36,8 @@ __all__ = [
     "QuadraticBilevel",
     "RegularizationSelection",
     "SimplexMinimax",
+    "fair_classification",
+    "gan_mixture",
     "hyper_cleaning",
     "hyper_representation",
     "nc_c",
