@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Rate", "d_tfbo", "dbo", "dbo_stochastic", "fedmbo", "ma_dsbo", "s_tfbo"]
+__all__ = ["Rate", "d_tfbo", "dbo", "dbo_stochastic", "fedmbo", "fess_gda_form2", "fess_gda_nc_c", "fess_gda_nc_pl",
+           "fess_gda_pl_pl", "ma_dsbo", "s_tfbo"]
 
 
 @dataclass(frozen=True)
@@ -122,3 +123,60 @@ def dbo_stochastic() -> Rate:
     return Rate("DBO (stochastic)", "(1/K) sum_k E||grad Phi(x_bar_k)||^2", r"$C/\sqrt{K}$",
                 "Chen, Huang and Ma, 2022 (DBO), rate shape as restated by Kong et al. (D-SOBA), JMLR 2025",
                 exponent_verified=True, shape=lambda K: 1 / np.sqrt(K))
+
+
+_FESS = "Shen, Huang, Zhang and Shen, AISTATS 2024 (FESS-GDA, arXiv:2311.00944)"
+
+
+def _check_mK(m: int, K: int) -> None:
+    if m < 1 or K < 1:
+        raise ValueError(f"m and K must be >= 1, got m={m}, K={K}")
+
+
+def fess_gda_nc_pl(m: int, K: int) -> Rate:
+    r"""FESS-GDA on NC-SC / NC-PL problems (Corollary 3.1): :math:`\frac1T\sum_{t<T}\mathbb E\|\nabla\Phi(x_t)\|^2
+    \lesssim \kappa\Delta_0/T + \kappa\sigma/\sqrt{mKT}` with :math:`m` clients per round and :math:`K` local
+    steps. The complexities it is inverted from (:math:`O(\kappa^2 m^{-1}\varepsilon^{-4})` samples per client,
+    :math:`O(\kappa\varepsilon^{-2})` rounds) are from third-party summaries of the paper, not its text, and the
+    bound's form is a reconstruction (``papers/fess_gda.md`` §4.1-4.2), so ``exponent_verified`` is False. One
+    constant scales both terms. Noise-free (:math:`\sigma = 0`) the second term vanishes; pass ``m = K = 10**12``
+    to draw :math:`C/T` alone."""
+    _check_mK(m, K)
+    return Rate(f"FESS-GDA NC-PL (m = {m}, K = {K})", "(1/T) sum_t E||grad Phi(x_t)||^2",
+                r"$C(1/T + 1/\sqrt{mKT})$", _FESS + ", Corollary 3.1 (NC-SC / NC-PL)",
+                exponent_verified=False, shape=lambda T: 1.0 / T + 1.0 / np.sqrt(m * K * T))
+
+
+def fess_gda_form2(m: int, K: int) -> Rate:
+    r"""FESS-GDA on the simplex form (2), :math:`\min_x\max_{y\in\Delta}\sum_j y_jF_j(x)` (Theorem 3.4):
+    :math:`O(m^{-1}\varepsilon^{-4})` samples per client and :math:`O(\varepsilon^{-2})` rounds [third-party
+    summaries], read as :math:`\frac1T\sum_{t<T}\mathbb E\|\nabla\Phi_{1/2l}(x_t)\|^2 \lesssim \Delta_0/T +
+    \sigma/\sqrt{mKT}` (reconstruction, ``papers/fess_gda.md`` §4.2; ``exponent_verified`` False)."""
+    _check_mK(m, K)
+    return Rate(f"FESS-GDA form (2) (m = {m}, K = {K})", "(1/T) sum_t E||grad Phi_1/2l(x_t)||^2",
+                r"$C(1/T + 1/\sqrt{mKT})$", _FESS + ", Theorem 3.4 (form (2))",
+                exponent_verified=False, shape=lambda T: 1.0 / T + 1.0 / np.sqrt(m * K * T))
+
+
+def fess_gda_nc_c() -> Rate:
+    r"""FESS-GDA on NC-C / NC-1PC problems (Theorem 3.2). The paper's complexity could not be read (only that it is
+    "comparable to the state of the art with weaker assumptions"); drawn here is the centralized Smoothed-GDA
+    rate for nonconvex-concave problems, :math:`O(\varepsilon^{-4})` iterations to
+    :math:`\|\nabla\Phi_{1/2l}\| \le \varepsilon`, i.e. :math:`\frac1T\sum_{t<T}\|\nabla\Phi_{1/2l}(x_t)\|^2
+    \lesssim C/\sqrt T` (Zhang, Xiao, Sun and Luo, NeurIPS 2020). UNVERIFIED for FESS-GDA."""
+    return Rate("FESS-GDA NC-C (Smoothed-GDA rate)", "(1/T) sum_t ||grad Phi_1/2l(x_t)||^2", r"$C/\sqrt{T}$",
+                _FESS + ", Theorem 3.2 (NC-C); exponent from centralized Smoothed-GDA (Zhang et al., NeurIPS 2020)",
+                exponent_verified=False, shape=lambda T: 1.0 / np.sqrt(T))
+
+
+def fess_gda_pl_pl(rho: float) -> Rate:
+    r"""FESS-GDA on PL-PL problems (``p = 0``): linear convergence of a potential (e.g. the distance to the saddle
+    point), :math:`\le C\rho^T`. The paper's theorem (number, constants, the contraction :math:`\rho` as a
+    function of :math:`\kappa` and the step sizes) could not be read, so :math:`\rho` is an argument: figures
+    estimate it from the measured curve's log-slope, and the overlay then checks only that convergence is
+    linear. UNVERIFIED."""
+    if not 0 < rho < 1:
+        raise ValueError(f"rho must be in (0, 1), got {rho}")
+    return Rate(f"FESS-GDA PL-PL (rho = {rho:.3g})", "||(x_t, y_t) - (x*, y*)||", r"$C\rho^T$",
+                _FESS + ", PL-PL result (theorem number unverified)", exponent_verified=False,
+                shape=lambda T: rho ** np.asarray(T, dtype=np.float64))

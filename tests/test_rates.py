@@ -13,7 +13,8 @@ matplotlib.use("Agg")
 
 
 @pytest.mark.parametrize("rate", [rates.d_tfbo(), rates.s_tfbo(), rates.fedmbo(4), rates.ma_dsbo(), rates.dbo(),
-                                  rates.dbo_stochastic()], ids=lambda r: r.name)
+                                  rates.dbo_stochastic(), rates.fess_gda_nc_pl(4, 10), rates.fess_gda_form2(8, 5),
+                                  rates.fess_gda_nc_c(), rates.fess_gda_pl_pl(0.999)], ids=lambda r: r.name)
 def test_fit_recovers_the_constant_of_an_exact_curve(rate):
     T = np.geomspace(60, 1e5, 30)
     assert rate.fit(T, 7.5 * rate.shape(T)) == pytest.approx(7.5, rel=1e-12)
@@ -71,3 +72,20 @@ def test_fedmbo_rate_speeds_up_linearly_in_n_where_the_first_term_dominates():
 def test_unverified_exponents_are_marked():
     assert not rates.ma_dsbo().exponent_verified and not rates.dbo().exponent_verified
     assert rates.fedmbo(1).exponent_verified and rates.d_tfbo().exponent_verified
+
+
+def test_fess_gda_rates_follow_the_stated_complexities():
+    """NC-PL: O(kappa eps^-2) rounds and O(m^-1 eps^-4) samples per client: the noise term at T rounds
+    and K local steps is 1/sqrt(mKT), so doubling m halves the K*T needed for the same value."""
+    r1 = rates.fess_gda_nc_pl(1, 10**12)
+    assert r1.shape(np.array([100.0]))[0] == pytest.approx(1 / 100, rel=1e-5)  # noise-free limit: C/T
+    noise = lambda m, K, T: rates.fess_gda_nc_pl(m, K).shape(np.array([T]))[0] - 1 / T  # noqa: E731
+    assert noise(2, 10, 1000) == pytest.approx(noise(1, 20, 1000)) == pytest.approx(noise(1, 10, 2000))
+    assert not any(r.exponent_verified for r in (rates.fess_gda_nc_pl(1, 1), rates.fess_gda_form2(1, 1),
+                                                 rates.fess_gda_nc_c(), rates.fess_gda_pl_pl(0.5)))
+    T = np.arange(0, 50, dtype=float)
+    assert np.allclose(np.diff(np.log(rates.fess_gda_pl_pl(0.8).shape(T))), math.log(0.8))
+    with pytest.raises(ValueError, match="rho must be in"):
+        rates.fess_gda_pl_pl(1.0)
+    with pytest.raises(ValueError, match="m and K must be >= 1"):
+        rates.fess_gda_nc_pl(0, 3)
