@@ -49,6 +49,7 @@ unbiased with variance :math:`\sigma^2/b` per coordinate.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -79,11 +80,22 @@ class _Synthetic(AbstractMinimaxProblem):
 
     sigma: float
 
+    @functools.cached_property
+    def _noise_tags(self) -> torch.Tensor:
+        """The stream tags of the x and y noise (7 and 8), as one int64 tensor on the problem's device."""
+        return torch.tensor([7, 8], dtype=torch.int64, device=self.device)
+
     def _noise(self, key: torch.Tensor, batch_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         s = 0.0 if (batch_size is None or self.sigma == 0) else self.sigma / math.sqrt(batch_size)
         if not s:
             return (torch.zeros(self.x_dim, dtype=self.dtype, device=self.device),
                     torch.zeros(self.y_dim, dtype=self.dtype, device=self.device))
+        if self.x_dim == self.y_dim:
+            # Both draws in one call on the key pair (fold_in(key, 7), fold_in(key, 8)): every number
+            # is a pure function of its own key and counter, so this is bit-identical to the two calls
+            # below with half the ops (the per-op overhead dominates a local step under vmap).
+            xi = s * rnd.normal(rnd.fold_in(key.unsqueeze(-1), self._noise_tags), (self.x_dim,), self.dtype)
+            return xi[..., 0, :], xi[..., 1, :]
         return (s * rnd.normal(rnd.fold_in(key, 7), (self.x_dim,), self.dtype),
                 s * rnd.normal(rnd.fold_in(key, 8), (self.y_dim,), self.dtype))
 
@@ -327,9 +339,11 @@ class SimplexMinimax(_Synthetic):
         x = torch.as_tensor(self.centre, dtype=_F64)
         return x, torch.full((self.y_dim,), 1.0 / self.y_dim, dtype=_F64), float(self.phi(x))
 
-    def moreau(self, x: torch.Tensor, *, iters: int = 5000, tol: float = 1e-13) -> tuple[torch.Tensor, float]:
+    def moreau(self, x: torch.Tensor, *, rel_tol: float = 1e-3, iters: int = 20000) -> tuple[torch.Tensor, float]:
         r"""The Moreau-envelope gradient :math:`\nabla\Phi_{1/2l}(x) = 2l(x - u^*)` and the duality gap
-        certifying :math:`u^*` (module docstring)."""
+        certifying :math:`u^*` (module docstring). Stops once the certified error of the returned
+        gradient, :math:`2l\sqrt{2\,\mathrm{gap}/(1 + 2l - w)}`, is below ``rel_tol`` times its norm
+        (or 1e-12): the measure is exact to 0.1 % by default, whatever its size."""
         x = x.detach().to("cpu", _F64)
         l, w = self.l, self.cos_weight
         curv = 1.0 + 2 * l - w  # strong convexity of the proximal subproblem
@@ -345,28 +359,30 @@ class SimplexMinimax(_Synthetic):
                     break
             return u
 
-        def primal(u: torch.Tensor) -> torch.Tensor:
-            return self.F(u).max() + l * (u - x).square().sum()
+        def gap_of(y: torch.Tensor, u: torch.Tensor) -> float:
+            Fu = self.F(u)
+            return float(Fu.max() - y @ Fu)  # primal - dual; the proximal terms cancel
 
-        def dual(y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-            return y @ self.F(u) + l * (u - x).square().sum()
+        def converged(u: torch.Tensor, gap: float) -> bool:
+            bound = 2 * l * math.sqrt(2 * max(gap, 0.0) / curv)
+            return bound <= max(rel_tol * float((2 * l * (x - u)).norm()), 1e-12)
 
         y = torch.full((self.y_dim,), 1.0 / self.y_dim, dtype=_F64)
         z, t_k = y, 1.0
-        spread = float((A - x).norm(dim=-1).max()) + float((A - A.mean(0)).norm(dim=-1).max())
-        step = curv / (self.y_dim * spread**2 + 1e-300)
         u = u_of(y)
-        gap = float(primal(u) - dual(y, u))
+        gap = gap_of(y, u)
         for _ in range(iters):
-            if gap <= tol * max(1.0, abs(float(primal(u)))):
+            if converged(u, gap):
                 break
             uz = u_of(z)
+            G = uz - A  # rows: grad F_j(u(z)); the dual's curvature is at most ||G||^2 / curv
+            step = curv / float(torch.linalg.matrix_norm(G, ord=2) ** 2 + 1e-300)
             y_next = project_simplex(z + step * self.F(uz))
             t_next = 0.5 * (1 + math.sqrt(1 + 4 * t_k * t_k))
             z = y_next + ((t_k - 1) / t_next) * (y_next - y)
             y, t_k = y_next, t_next
             u = u_of(y)
-            gap = float(primal(u) - dual(y, u))
+            gap = gap_of(y, u)
         return 2 * l * (x - u), gap
 
     def metrics(self, x, y):

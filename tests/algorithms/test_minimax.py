@@ -223,3 +223,19 @@ def test_cli_bad_minimax_input_exits_2_with_one_line(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in proc.stderr
         assert not out.exists()
+
+
+# ---- partial participation: linear speedup in m ---------------------------------------------
+
+def test_rounds_to_eps_fall_linearly_with_the_sampled_clients():
+    """Noisy NC-SC, 64 clients, m in {4, 8, 16, 32} sampled per round, 5 seeds, steps and beta
+    proportional to m (the theory's step at a fixed eps; fedopt.figures.f3_minimax): the fitted slope
+    of log T_eps against log m lies in [-1.3, -0.5] (measured -1.10: T_eps = 777, 377, 179, 78)."""
+    from fedopt.figures.f3_minimax import SPEEDUP_M, speedup
+
+    torch.set_num_threads(1)  # restored by the conftest fixture
+    T = speedup(5)
+    t = np.array([T[m] for m in SPEEDUP_M])
+    assert np.all(np.isfinite(t)) and np.all(np.diff(t) < 0)
+    slope = np.polyfit(np.log(SPEEDUP_M), np.log(t), 1)[0]
+    assert -1.3 <= slope <= -0.5

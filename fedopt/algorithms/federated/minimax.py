@@ -189,12 +189,13 @@ def local_sgda(
     clients_per_round: int = 10,
     batch_size: int | None = None,
     order: Literal["simultaneous", "alternating"] = "simultaneous",
+    local_projection: bool = True,
     replace: bool = False,
 ) -> FederatedAlgorithm:
     """Local SGDA (Sharma et al., ICML 2022): ``K`` local SGDA steps from the server model, then
-    the server averages the sampled clients' iterates."""
+    the server averages the sampled clients' iterates. ``local_projection`` as for FESS-GDA."""
     _check_common(lr_x, lr_y, local_steps, clients_per_round, batch_size)
-    opt = LocalGDA(local_steps, lr_x, lr_y, batch_size, order=order)
+    opt = LocalGDA(local_steps, lr_x, lr_y, batch_size, order=order, project_local=local_projection)
     return FederatedAlgorithm("local_sgda", clients_per_round, replace,
                               _local_sgda_program("local_sgda", opt, clients_per_round, replace, 0), "minimax")
 
@@ -231,6 +232,7 @@ def sagda(
     local_steps: int = 10,
     clients_per_round: int = 10,
     batch_size: int | None = None,
+    local_projection: bool = True,
     replace: bool = False,
 ) -> FederatedAlgorithm:
     r"""SAGDA (Yang, Liu, Zhang and Liu, NeurIPS 2022), in the SCAFFOLD-like reading of
@@ -239,11 +241,11 @@ def sagda(
     Round 2: the same cohort runs ``K`` local steps with :math:`\nabla f_i(x, y; \xi) - c_i + v`;
     the server steps :math:`x_{t+1} = x_t + \eta_{x,g}(\bar x - x_t)`,
     :math:`y_{t+1} = P_Y(y_t + \eta_{y,g}(\bar y - y_t))`. Without control variates this is FSGDA
-    (Local SGDA with server step sizes)."""
+    (Local SGDA with server step sizes). ``local_projection`` as for FESS-GDA."""
     _check_common(lr_x, lr_y, local_steps, clients_per_round, batch_size)
     for name, val in (("lr_x_global", lr_x_global), ("lr_y_global", lr_y_global)):
         check(val > 0 and math.isfinite(val), f"{_P}.{name} must be a finite number > 0, got {val}")
-    opt = LocalGDA(local_steps, lr_x, lr_y, batch_size, control=True)
+    opt = LocalGDA(local_steps, lr_x, lr_y, batch_size, control=True, project_local=local_projection)
     m = clients_per_round
 
     def program(problem, x: torch.Tensor, y: torch.Tensor, T: int, key: torch.Tensor) -> Program:
@@ -275,13 +277,15 @@ def fed_norm_sgda(
     clients_per_round: int = 10,
     snapshot_every: int = 0,
     batch_size: int | None = None,
+    local_projection: bool = True,
     replace: bool = False,
 ) -> FederatedAlgorithm:
     r"""Fed-Norm-SGDA (Sharma, Panda and Joshi, TMLR 2023; module docstring). Client :math:`i` runs
     :math:`\tau_i \sim U\{\text{min\_local\_steps}, \dots, K\}` steps (default: all run :math:`K`)
     with local steps :math:`\eta_x, \eta_y` and returns :math:`h_i`; the server steps with
     :math:`\tau_{\mathrm{eff}}\gamma\eta`, :math:`\gamma` = ``lr_*_global``, uniform weights
-    :math:`w_i = 1/m`. ``snapshot_every > 0``: Fed-Norm-SGDA+ (ascent gradients at a snapshot)."""
+    :math:`w_i = 1/m`. ``snapshot_every > 0``: Fed-Norm-SGDA+ (ascent gradients at a snapshot).
+    ``local_projection`` as for FESS-GDA."""
     _check_common(lr_x, lr_y, local_steps, clients_per_round, batch_size)
     for name, val in (("lr_x_global", lr_x_global), ("lr_y_global", lr_y_global)):
         check(val > 0 and math.isfinite(val), f"{_P}.{name} must be a finite number > 0, got {val}")
@@ -289,7 +293,7 @@ def fed_norm_sgda(
           f"{_P}.min_local_steps must be in 1..local_steps = {local_steps}, got {min_local_steps}")
     check(snapshot_every >= 0, f"{_P}.snapshot_every must be >= 0, got {snapshot_every}")
     opt = LocalGDA(local_steps, lr_x, lr_y, batch_size, snapshot=snapshot_every > 0, tau_min=min_local_steps,
-                   reply="normalized")
+                   reply="normalized", project_local=local_projection)
     m = clients_per_round
 
     def program(problem, x: torch.Tensor, y: torch.Tensor, T: int, key: torch.Tensor) -> Program:
