@@ -10,6 +10,7 @@ A run config is a TOML document (or the equivalent dict):
     eval_every = 5      # metrics every this many outer iterations (and at the end)
     dtype = "float64"   # or "float32"
     device = "cpu"      # or "cuda", "cuda:1"
+    threads = 1         # torch intra-op threads (default 0: torch's choice); 1 is fastest for tiny models
 
     [problem]           # a component: a registry name and keyword parameters
     name = "hyper_cleaning"
@@ -97,6 +98,7 @@ class RunConfig:
     seed: int = 0
     dtype: Literal["float32", "float64"] = "float64"
     device: str = "cpu"
+    threads: int = 0  # torch intra-op threads for the run (0: torch's default); restored afterwards
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain data (what ``config.toml`` holds); drops empty tables."""
@@ -188,7 +190,7 @@ def _component(raw: Any, key: str, registry: Registry[Any], extra: tuple[str, ..
 
 _TOP = {
     "problem", "algorithm", "data", "partition", "engine", "topology", "clients", "rounds", "eval_every", "seed",
-    "dtype", "device",
+    "dtype", "device", "threads",
 }
 
 
@@ -272,6 +274,7 @@ def parse_config(raw: Mapping[str, Any]) -> RunConfig:
         seed=integer("seed", 0, 0),
         dtype=dtype,
         device=device,
+        threads=integer("threads", 0, 0),
     )
 
 

@@ -371,6 +371,9 @@ def execute(cfg: RunConfig, built: Built | None = None, *, progress: bool = Fals
     from tqdm.auto import tqdm
 
     built = built or build(cfg)
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     with tqdm(total=cfg.rounds, disable=not progress, unit="it", desc=cfg.algorithm.name, leave=False) as bar:
         def tick(k: int) -> None:
@@ -386,6 +389,7 @@ def execute(cfg: RunConfig, built: Built | None = None, *, progress: bool = Fals
                 result = simulate(built.problem, built.algorithm, built.engine, **common)
         finally:
             built.engine.close()
+            torch.set_num_threads(threads)
     return result, time.perf_counter() - t0
 
 

@@ -4,10 +4,12 @@ Local SGDA on a noisy NC-C problem over seeds.
 
 Panels:
   (a)-(e) one per class (configs ``experiments/configs/fess_gda_{pl_pl,nc_sc,nc_pl,simplex,nc_c}.toml``:
-      8 heterogeneous clients, full participation, exact oracles, K = 5 local steps). NC-SC, NC-PL,
-      simplex form (2) and NC-C: the running average (1/T) sum_t m_t^2 of the class's measure m_t
+      8 heterogeneous clients, full participation, exact oracles, K = 5 local steps). The class's
+      measure m_t against communication rounds for every method; for NC-SC, NC-PL, simplex form (2)
+      and NC-C also FESS-GDA's running average (1/T) sum_t m_t^2 of the measure m_t
       (||grad Phi||, or the Moreau-envelope gradient for form (2) and NC-C) against communication rounds
-      T, with the class rate fitted on FESS-GDA's tail (``fedopt.rates``; all marked unverified). PL-PL:
+      T, with the class rate fitted on FESS-GDA's tail (``fedopt.rates``; all marked unverified), over the
+      measure itself for every method. PL-PL:
       the distance to the saddle point with a linear rate rho^T, rho fitted. The baselines use the same
       effective step: Local SGDA (one-sided) takes lr_x * lr_x_global as its local step; SAGDA and
       Fed-Norm-SGDA take FESS-GDA's local and global steps. SAGDA spends two rounds per iteration.
@@ -16,12 +18,13 @@ Panels:
       with local steps and the anchor rate beta both proportional to m (at a fixed eps, the theory's
       step sqrt(mK/T) with T ~ 1/(m eps^2) is proportional to m; beta must follow, otherwise the anchor
       z, moving at rate beta, limits progress). Ideal slope -1.
-  (g) noisy NC-C (sigma = 0.5 at batch 1, 4 of 8 clients per round): the Moreau-envelope gradient
+  (g) noisy NC-C (sigma = 0.1 at batch 1, 4 of 8 clients per round): the Moreau-envelope gradient
       against rounds, mean ± std over seeds, FESS-GDA (p = 2l) against Local SGDA at the same
       effective step; the summary holds rounds to eps per seed (mean ± std).
 
-``fedopt reproduce F3 [--quick]`` writes F3.png / F3.pdf and summary.json; quick halves the class
-budgets and uses fewer seeds.
+``fedopt reproduce F3 [--quick]`` writes F3.png / F3.pdf and summary.json; quick runs a quarter of
+the class budgets and fewer seeds. Runs use one intra-op thread (restored afterwards): the tensors
+are tiny and a second thread only adds synchronisation.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ CLASSES = {  # panel title -> (config, measure, rate kind)
 }
 SPEEDUP_M = [4, 8, 16, 32]
 SPEEDUP_EPS = 0.1
-NCC_EPS = 0.05
+NCC_EPS = 0.2
 
 
 def _run(raw: dict) -> Any:
@@ -84,45 +87,38 @@ def rounds_to_eps(T: np.ndarray, running: np.ndarray, eps: float) -> float:
 def _class_panel(ax, title: str, quick: bool) -> dict[str, Any]:
     config, measure, kind = CLASSES[title]
     base = base_config(config)
-    base["rounds"] = base["rounds"] // 2 if quick else base["rounds"]
+    base["rounds"] = base["rounds"] // 4 if quick else base["rounds"]
     base["eval_every"] = max(1, base["rounds"] // 100)
     out: dict[str, Any] = {}
     for label, (alg, params) in baselines(base["algorithm"]["params"]).items():
-        raw = {**base, "algorithm": {"name": alg, "params": params}}
-        m = _run(raw)
-        T = m.comm_rounds.to_numpy()
-        v = m[measure].to_numpy()
-        final = float(v[-1])
-        if kind == "pl_pl":
-            y = v
-        else:  # running average of the squared measure over the evaluated iterates
-            y = np.cumsum(v**2) / np.arange(1, len(v) + 1)
+        m = _run({**base, "algorithm": {"name": alg, "params": params}})
+        T, v = m.comm_rounds.to_numpy(), m[measure].to_numpy()
         keep = T > 0
-        if label == "FESS-GDA":
-            if kind == "pl_pl":
-                fall = v[keep]
-                k = np.flatnonzero(fall <= 10 * fall.min())[0] if fall.min() > 0 else len(fall) - 1
-                rho = math.exp(np.polyfit(T[keep][: max(k, 2)], np.log(fall[: max(k, 2)]), 1)[0])
-                rho = min(max(rho, 1e-12), 1 - 1e-12)
-                rate = rates.fess_gda_pl_pl(rho)
-                ax.plot(T[keep], y[keep], label=label)
-                grid = T[keep][: max(k, 2)]
-                C = rate.fit(grid, fall[: max(k, 2)], tail=1.0)
-                ax.plot(grid, rate(grid, C), "--", color="k", alpha=0.7, label=f"theory {rate.label} (unverified)")
-                out["rho"] = rho
-            else:
-                K = base["algorithm"]["params"]["local_steps"]
-                m_ = base["algorithm"]["params"]["clients_per_round"]
-                rate = {"nc_pl": lambda: rates.fess_gda_nc_pl(m_, K), "form2": lambda: rates.fess_gda_form2(m_, K),
-                        "nc_c": rates.fess_gda_nc_c}[kind]()
-                plot_with_rate(ax, T[keep], y[keep], rate, label=label)
-        else:
-            ax.plot(T[keep], y[keep], label=label, alpha=0.8)
-        out[label] = {"final_" + measure: final, "comm_rounds": float(T[-1])}
+        (line,) = ax.plot(T[keep], v[keep], label=label, alpha=0.9 if label == "FESS-GDA" else 0.7,
+                          lw=2 if label == "FESS-GDA" else 1.2)
+        out[label] = {"final_" + measure: float(v[-1]), "comm_rounds": float(T[-1])}
+        if label != "FESS-GDA":
+            continue
+        if kind == "pl_pl":  # linear rate: rho from the log-slope of the descent before the drift floor
+            fall, Tk = v[keep], T[keep]
+            k = max(int(np.flatnonzero(fall <= 10 * fall.min())[0]), 2)
+            rho = min(max(math.exp(np.polyfit(Tk[:k], np.log(fall[:k]), 1)[0]), 1e-12), 1 - 1e-12)
+            rate = rates.fess_gda_pl_pl(rho)
+            C = rate.fit(Tk[:k], fall[:k], tail=1.0)
+            ax.plot(Tk[:k], rate(Tk[:k], C), "--", color="k", alpha=0.7, label=f"theory {rate.label} (unverified)")
+            out["rho"] = rho
+        else:  # the theorems bound the running mean of the squared measure
+            K = base["algorithm"]["params"]["local_steps"]
+            m_ = base["algorithm"]["params"]["clients_per_round"]
+            rate = {"nc_pl": lambda: rates.fess_gda_nc_pl(m_, K), "form2": lambda: rates.fess_gda_form2(m_, K),
+                    "nc_c": rates.fess_gda_nc_c}[kind]()
+            running = np.cumsum(v**2) / np.arange(1, len(v) + 1)
+            ax.plot(T[keep], running[keep], ":", color=line.get_color(), label=f"FESS-GDA running mean of {measure}$^2$")
+            out["rate_constant"] = plot_with_rate(ax, T[keep], running[keep], rate, color="k", show_data=False)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("communication rounds")
-    ax.set_ylabel(measure if kind == "pl_pl" else f"running mean of {measure}$^2$")
+    ax.set_ylabel(measure)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=6)
     return out
@@ -151,7 +147,7 @@ def speedup(seeds: int, eps: float = SPEEDUP_EPS) -> dict[int, float]:
 
 
 def _speedup_panel(ax, quick: bool) -> dict[str, Any]:
-    seeds = 5 if quick else 10
+    seeds = 3 if quick else 10
     T_eps = speedup(seeds)
     ok = [m for m in SPEEDUP_M if np.isfinite(T_eps[m])]
     slope = plot_speedup(ax, ok, [T_eps[m] for m in ok]) if len(ok) >= 2 else float("nan")
@@ -165,8 +161,8 @@ def _speedup_panel(ax, quick: bool) -> dict[str, Any]:
 
 def _ncc_panel(ax, quick: bool) -> dict[str, Any]:
     base = base_config("fess_gda_nc_c.toml")
-    base["problem"]["params"].update(sigma=0.5)
-    base.update(rounds=300 if quick else 600, eval_every=10)
+    base["problem"]["params"].update(sigma=0.1)
+    base.update(rounds=200 if quick else 600, eval_every=10)
     p = {**base["algorithm"]["params"], "clients_per_round": 4, "batch_size": 1}
     methods = {k: v for k, v in baselines(p).items() if k in ("FESS-GDA", "Local SGDA")}
     seeds = range(3 if quick else 5)
@@ -180,8 +176,10 @@ def _ncc_panel(ax, quick: bool) -> dict[str, Any]:
             hits.append(rounds_to_eps(m.comm_rounds.to_numpy(), v, NCC_EPS))
         T = m.comm_rounds.to_numpy()
         plot_band(ax, T[1:], np.stack(curves)[:, 1:], label=f"{label} ({len(seeds)} seeds)")
-        finals = [c[-5:].mean() for c in curves]
-        table[label] = {"rounds_to_eps_mean": float(np.nanmean(hits)), "rounds_to_eps_std": float(np.nanstd(hits)),
+        finals = [c[len(c) * 3 // 4:].mean() for c in curves]  # mean over the last quarter of the budget
+        reached = [h for h in hits if np.isfinite(h)]
+        table[label] = {"rounds_to_eps_mean": float(np.mean(reached)) if reached else float("nan"),
+                        "rounds_to_eps_std": float(np.std(reached)) if reached else float("nan"),
                         "reached": int(np.isfinite(hits).sum()), "final_mean": float(np.mean(finals)),
                         "final_std": float(np.std(finals)), "rounds_to_eps": hits}
     ax.axhline(NCC_EPS, color="gray", ls=":", lw=1)
@@ -190,7 +188,7 @@ def _ncc_panel(ax, quick: bool) -> dict[str, Any]:
     ax.set_ylabel(r"$\|\nabla\Phi_{1/2l}(x_t)\|$")
     ax.set_title("noisy NC-C, 4 of 8 clients: FESS-GDA vs Local SGDA", fontsize=10)
     ax.legend(fontsize=7)
-    return {"eps": NCC_EPS, "sigma": 0.5, "clients_per_round": 4, "seeds": len(seeds), "table": table}
+    return {"eps": NCC_EPS, "sigma": 0.1, "clients_per_round": 4, "seeds": len(seeds), "table": table}
 
 
 def make(out: Path, quick: bool, executor: str) -> dict[str, Any]:
@@ -206,11 +204,13 @@ def make(out: Path, quick: bool, executor: str) -> dict[str, Any]:
         speedup = _speedup_panel(flat[5], quick)
         ncc = _ncc_panel(flat[6], quick)
         flat[7].axis("off")
-        lines = [f"{k}: FESS-GDA final {next(iter(v['FESS-GDA'].values())):.1e}" for k, v in classes.items()]
+        lines = ["final measure   FESS-GDA  LocalSGDA  SAGDA  FedNorm"]
+        lines += [f"{k[:14]:<14} " + " ".join(f"{next(iter(v[a].values())):9.1e}" for a in
+                                              ("FESS-GDA", "Local SGDA", "SAGDA", "Fed-Norm-SGDA")) for k, v in classes.items()]
         lines += ["", f"speedup slope {speedup['fitted_slope']:.2f} (ideal -1)", "",
                   f"noisy NC-C, rounds to eps = {NCC_EPS}:"]
-        lines += [f"  {k}: {v['rounds_to_eps_mean']:.0f} ± {v['rounds_to_eps_std']:.0f} ({v['reached']} reached)"
-                  for k, v in ncc["table"].items()]
+        lines += [f"  {k}: {v['rounds_to_eps_mean']:.0f} ± {v['rounds_to_eps_std']:.0f} ({v['reached']} reached),"
+                  f" final {v['final_mean']:.3f} ± {v['final_std']:.3f}" for k, v in ncc["table"].items()]
         flat[7].text(0.0, 1.0, "\n".join(lines), va="top", family="monospace", fontsize=9)
         fig.suptitle("F3: federated minimax on synthetic classes (8 heterogeneous clients, K = 5); "
                      "rates reconstructed, marked unverified", fontsize=11)
