@@ -239,3 +239,25 @@ def test_rounds_to_eps_fall_linearly_with_the_sampled_clients():
     assert np.all(np.isfinite(t)) and np.all(np.diff(t) < 0)
     slope = np.polyfit(np.log(SPEEDUP_M), np.log(t), 1)[0]
     assert -1.3 <= slope <= -0.5
+
+
+@pytest.mark.parametrize("problem", ["fair_digits", "gan"])
+def test_engines_agree_on_fair_classification_and_the_gan(problem):
+    if problem == "fair_digits":
+        raw = {"seed": 1, "clients": 6, "rounds": 3, "dtype": "float64",
+               "problem": {"name": "fair_classification", "params": {"groups": "label"}},
+               "data": {"name": "digits"}, "partition": {"name": "dirichlet", "params": {"alpha": 0.5}},
+               "algorithm": {"name": "fess_gda", "params": {"lr_x": 0.5, "lr_y": 0.05, "p": 0.01, "local_steps": 3,
+                                                            "clients_per_round": 3, "batch_size": 8}}}
+        key = "worst_group_loss"
+    else:
+        raw = {"seed": 1, "clients": 4, "rounds": 3, "dtype": "float64",
+               "problem": {"name": "gan_mixture", "params": {"modes": 4, "samples_per_client": 50,
+                                                             "eval_samples": 200}},
+               "algorithm": {"name": "fess_gda", "params": {"lr_x": 0.05, "lr_y": 0.05, "p": 0.1, "local_steps": 3,
+                                                            "clients_per_round": 2, "batch_size": 8}}}
+        key = "sliced_wasserstein"
+    a, b = metrics({**raw, "engine": {"name": "local"}}), metrics(raw)
+    assert list(a.columns) == list(b.columns) and a.shape == b.shape
+    assert float(np.abs(a.to_numpy() - b.to_numpy()).max()) <= 1e-10
+    assert a[key].iloc[-1] != a[key].iloc[0]
