@@ -205,7 +205,7 @@ def _run_cfg(data, groups, algorithm, rounds, params=None):
     if algorithm == "fess_gda":
         alg.update({"p": 0.01} if data == "digits" else {"p": 0.02, "lr_x_global": 0.5})
     alg.update(params or {})
-    return {"seed": 0, "clients": 20, "rounds": rounds, "eval_every": rounds, "dtype": "float32",
+    return {"seed": 0, "clients": 20, "rounds": rounds, "eval_every": rounds, "dtype": "float32", "threads": 1,
             "problem": {"name": "fair_classification", "params": {"groups": groups, "reg": reg}},
             "data": ds, "partition": {"name": "dirichlet", "params": {"alpha": 0.5}},
             "algorithm": {"name": algorithm, "params": alg}}
