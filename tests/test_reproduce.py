@@ -52,9 +52,9 @@ def test_f2_quick_writes_every_method_and_split(tmp_path):
 def test_list_and_bad_ids(capsys):
     assert main(["reproduce", "--list"]) == 0
     listing = capsys.readouterr().out
-    assert all(f in listing for f in ("F1", "F2", "F5", "F6")) and "unverified" in listing
+    assert all(f in listing for f in ("F1", "F2", "F3", "F4", "F5", "F6")) and "unverified" in listing
     assert main(["reproduce", "F9"]) == 2
-    assert "unknown figure 'F9'; available: F1, F2, F5, F6" in capsys.readouterr().err
+    assert "unknown figure 'F9'; available: F1, F2, F3, F4, F5, F6" in capsys.readouterr().err
     assert main(["reproduce"]) == 2
     assert main(["reproduce", "F1", "--executor", "dask"]) == 2
 
@@ -81,3 +81,75 @@ def test_f6_figure_draws_from_its_numbers(tmp_path):
     f6_tfbo.figure(data, tmp_path / "F6.png")
     assert (tmp_path / "F6.png").stat().st_size > 10_000
     assert data["fitted"]["d_tfbo_C"] == pytest.approx(1.5)
+
+
+def test_f4_summary_table_and_figure_from_a_synthetic_table(tmp_path):
+    """F4's quick run takes about 2 minutes (too long here; checked by hand), so this tests its pieces:
+    the sweep specs (methods derived from the configs, quick budgets), the end-of-budget table (mean of
+    the last 5 evaluations per seed, then mean ± std over seeds; a run that stopped early is padded
+    with its last value), the paired verdict, and the drawing."""
+    import numpy as np
+    import pandas as pd
+
+    from fedopt.figures import f4_minimax_apps as f4
+    from fedopt.sweep import load_sweep
+
+    sweep = load_sweep(f4.spec("adult", quick=True))
+    algs = {(p.config.algorithm.name, p.config.algorithm.params["lr_y"], p.config.algorithm.params.get("p"))
+            for p in sweep.points}
+    # Adult's FESS-GDA has a server step 0.5, so the p = 0 control runs too
+    assert algs == {("fess_gda", 0.05, 0.02), ("fess_gda", 0.05, 0.0), ("local_sgda", 0.05, None),
+                    ("local_sgda", f4.ERM_LR_Y, None)}
+    assert len(sweep.points) == 8 and all(p.config.rounds == 100 for p in sweep.points)
+    local = next(p.config.algorithm.params for p in sweep.points if p.config.algorithm.name == "local_sgda")
+    assert "p" not in local and local["lr_x"] == 1.0 and local["local_steps"] == 10
+    gan = load_sweep(f4.spec("gan", quick=False))
+    assert len(gan.points) == 10 and {p.config.seed for p in gan.points} == {0, 1, 2, 3, 4}  # no p = 0 control
+    assert len(load_sweep(f4.spec("digits", quick=True)).points) == 6
+
+    rounds = np.arange(0, 110, 10)
+    rows = []
+    for name, lr_y, p, shift in (("fess_gda", 0.05, 0.02, 0.02), ("local_sgda", 0.05, None, 0.0),
+                                 ("local_sgda", f4.ERM_LR_Y, None, -0.1), ("fess_gda", 0.05, 0.0, 0.01)):
+        for seed in range(3):
+            last = 100 if not (p == 0.02 and seed == 2) else 60  # one run stops early: padded
+            for r in rounds[rounds <= last]:
+                v = 0.5 + 0.3 * r / 100 + shift + 0.001 * seed
+                for metric, value in (("worst_group_test_acc", v), ("test_acc", v + 0.1)):
+                    rows.append({"run_id": f"{name}{lr_y}{p}{seed}", "status": "finished", "algorithm.name": name,
+                                 "algorithm.params.lr_y": lr_y, "algorithm.params.p": p, "seed": seed, "round": r,
+                                 "comm_round": r, "metric": metric, "value": value})
+    t = pd.DataFrame(rows)
+    s = f4.summary_table(t, ["worst_group_test_acc", "test_acc"], higher=True)
+    m = s["methods"]
+    assert list(m) == ["FESS-GDA", "FESS-GDA, p = 0", "Local SGDA", "balanced ERM"]
+    # Local SGDA: last 5 evaluations are rounds 60..100, mean 0.5 + 0.3 * 0.8 = 0.74, plus 0.001 * seed
+    assert m["Local SGDA"]["worst_group_test_acc_mean"] == pytest.approx(0.741)
+    assert m["Local SGDA"]["worst_group_test_acc_std"] == pytest.approx(0.001 * np.std([0, 1, 2]))
+    assert m["Local SGDA"]["test_acc_mean"] == pytest.approx(0.841)
+    assert m["balanced ERM"]["worst_group_test_acc_mean"] == pytest.approx(0.641)
+    # FESS-GDA seed 2 stopped at round 60 (value 0.68 + 0.02 + 0.002), padded over rounds 70..100
+    fess = np.array([0.76, 0.761, 0.702])
+    assert m["FESS-GDA"]["worst_group_test_acc_mean"] == pytest.approx(fess.mean())
+    assert m["FESS-GDA"]["seeds"] == 3 and m["FESS-GDA"]["comm_rounds"] == 100
+    d = s["fess_minus_local"]
+    assert d["mean"] == pytest.approx((fess - np.array([0.74, 0.741, 0.742])).mean())
+    assert d["per_seed"] == pytest.approx([0.02, 0.02, -0.04])
+    assert d["verdict"] == "no significant difference (paired t-test, 95%)"  # seed 2 goes the other way
+    assert m["FESS-GDA, p = 0"]["worst_group_test_acc_mean"] == pytest.approx(0.751)
+    assert s["fess_minus_fess_p0"]["per_seed"] == pytest.approx([0.01, 0.01, -0.05])
+    assert f4.verdict(np.array([0.02, 0.021, 0.019]), higher=True) == "FESS-GDA better"
+    assert f4.verdict(np.array([0.02, 0.021, 0.019]), higher=False) == "Local SGDA better"
+    assert f4.verdict(np.array([0.02]), higher=True) == "one seed: no verdict"
+
+    panels = {p: {"worst_group_test_acc": f4.curves(t, "worst_group_test_acc")} for p in ("adult", "digits")}
+    sw = t.assign(metric=t.metric.map({"worst_group_test_acc": "sliced_wasserstein", "test_acc": "modes_covered"}))
+    sw = sw[(sw["algorithm.params.lr_y"] == 0.05) & (sw["algorithm.params.p"] != 0.0)]
+    panels["gan"] = {k: f4.curves(sw, k)
+                     for k in ("sliced_wasserstein", "modes_covered")}
+    assert set(panels["gan"]["modes_covered"]) == {"FESS-GDA", "Local SGDA"}
+    rng = np.random.default_rng(0)
+    sample = {"fake": rng.normal(size=(500, 2)), "true": rng.normal(size=(500, 2)), "centres": np.eye(2),
+              "round": 100, "sliced_wasserstein": 0.2, "modes_covered": 7.0}
+    f4.figure(panels, {"FESS-GDA": sample}, tmp_path / "F4.png", title="F4 synthetic")
+    assert (tmp_path / "F4.png").stat().st_size > 10_000
