@@ -102,9 +102,13 @@ def _require_minimax(problem: object, name: str) -> AbstractMinimaxProblem:
     return problem
 
 
-def _check_common(lr_x: float, lr_y: float, local_steps: int, clients_per_round: int, batch_size: int | None) -> None:
-    for name, val in (("lr_x", lr_x), ("lr_y", lr_y)):
+def _check_steps(**steps: float) -> None:
+    for name, val in steps.items():
         check(val > 0 and math.isfinite(val), f"{_P}.{name} must be a finite number > 0, got {val}")
+
+
+def _check_common(lr_x: float, lr_y: float, local_steps: int, clients_per_round: int, batch_size: int | None) -> None:
+    _check_steps(lr_x=lr_x, lr_y=lr_y)
     check(local_steps >= 1, f"{_P}.local_steps must be >= 1, got {local_steps}")
     check(clients_per_round >= 1, f"{_P}.clients_per_round must be >= 1, got {clients_per_round}")
     check(batch_size is None or batch_size >= 1, f"{_P}.batch_size must be >= 1, got {batch_size}")
@@ -129,8 +133,7 @@ def fess_gda(
 ) -> FederatedAlgorithm:
     """FESS-GDA (module docstring). ``p=None`` takes :math:`p = 2l` from the problem's smoothness."""
     _check_common(lr_x, lr_y, local_steps, clients_per_round, batch_size)
-    for name, val in (("lr_x_global", lr_x_global), ("lr_y_global", lr_y_global)):
-        check(val > 0 and math.isfinite(val), f"{_P}.{name} must be a finite number > 0, got {val}")
+    _check_steps(lr_x_global=lr_x_global, lr_y_global=lr_y_global)
     check(p is None or (p >= 0 and math.isfinite(p)), f"{_P}.p must be >= 0 (or omitted for p = 2l), got {p}")
     check(0 < beta <= 1, f"{_P}.beta must be in (0, 1], got {beta}")
     K, m = local_steps, clients_per_round
@@ -243,8 +246,7 @@ def sagda(
     :math:`y_{t+1} = P_Y(y_t + \eta_{y,g}(\bar y - y_t))`. Without control variates this is FSGDA
     (Local SGDA with server step sizes). ``local_projection`` as for FESS-GDA."""
     _check_common(lr_x, lr_y, local_steps, clients_per_round, batch_size)
-    for name, val in (("lr_x_global", lr_x_global), ("lr_y_global", lr_y_global)):
-        check(val > 0 and math.isfinite(val), f"{_P}.{name} must be a finite number > 0, got {val}")
+    _check_steps(lr_x_global=lr_x_global, lr_y_global=lr_y_global)
     opt = LocalGDA(local_steps, lr_x, lr_y, batch_size, control=True, project_local=local_projection)
     m = clients_per_round
 
@@ -287,8 +289,7 @@ def fed_norm_sgda(
     :math:`w_i = 1/m`. ``snapshot_every > 0``: Fed-Norm-SGDA+ (ascent gradients at a snapshot).
     ``local_projection`` as for FESS-GDA."""
     _check_common(lr_x, lr_y, local_steps, clients_per_round, batch_size)
-    for name, val in (("lr_x_global", lr_x_global), ("lr_y_global", lr_y_global)):
-        check(val > 0 and math.isfinite(val), f"{_P}.{name} must be a finite number > 0, got {val}")
+    _check_steps(lr_x_global=lr_x_global, lr_y_global=lr_y_global)
     check(min_local_steps is None or 1 <= min_local_steps <= local_steps,
           f"{_P}.min_local_steps must be in 1..local_steps = {local_steps}, got {min_local_steps}")
     check(snapshot_every >= 0, f"{_P}.snapshot_every must be >= 0, got {snapshot_every}")
