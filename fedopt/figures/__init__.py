@@ -9,6 +9,7 @@ version is the one in ``docs/figures``.
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from collections.abc import Callable
@@ -42,67 +43,40 @@ class Figure:
     make: Callable[[Path, bool, str], dict[str, Any]]
 
 
-def _f1(out: Path, quick: bool, executor: str) -> dict[str, Any]:
-    from fedopt.figures import f1_speedup
+def _lazy(module: str) -> Callable[[Path, bool, str], dict[str, Any]]:
+    """``module``'s ``make``, imported on first use (each figure pulls in matplotlib and its runs)."""
 
-    return f1_speedup.make(out, quick, executor)
+    def make(out: Path, quick: bool, executor: str) -> dict[str, Any]:
+        return importlib.import_module(f"fedopt.figures.{module}").make(out, quick, executor)
 
-
-def _f2(out: Path, quick: bool, executor: str) -> dict[str, Any]:
-    from fedopt.figures import f2_fedmbo_vs_fednest
-
-    return f2_fedmbo_vs_fednest.make(out, quick, executor)
-
-
-def _f3(out: Path, quick: bool, executor: str) -> dict[str, Any]:
-    from fedopt.figures import f3_minimax
-
-    return f3_minimax.make(out, quick, executor)
-
-
-def _f4(out: Path, quick: bool, executor: str) -> dict[str, Any]:
-    from fedopt.figures import f4_minimax_apps
-
-    return f4_minimax_apps.make(out, quick, executor)
-
-
-def _f5(out: Path, quick: bool, executor: str) -> dict[str, Any]:
-    from fedopt.figures import f5_topology
-
-    return f5_topology.make(out, quick, executor)
-
-
-def _f6(out: Path, quick: bool, executor: str) -> dict[str, Any]:
-    from fedopt.figures import f6_tfbo
-
-    return f6_tfbo.make(out, quick, executor)
+    return make
 
 
 FIGURES: dict[str, Figure] = {
     "F1": Figure("F1", "FedMBO: linear speedup in the number of sampled clients",
                  "synthetic noisy heterogeneous quadratic (32 clients)",
-                 "the theorem's constants and its step rule alpha ~ sqrt(n/K) (used as alpha_n = 0.02 n)", _f1),
+                 "the theorem's constants and its step rule alpha ~ sqrt(n/K) (used as alpha_n = 0.02 n)", _lazy("f1_speedup")),
     "F2": Figure("F2", "FedMBO vs FedNest / LFedNest: test accuracy against communication rounds, non-i.i.d. vs i.i.d.",
                  "data hyper-cleaning on sklearn digits (1797 images, 40% labels corrupted), 20 clients",
-                 "FedMBO's algorithm boxes (reconstructed); the methods share untuned steps", _f2),
+                 "FedMBO's algorithm boxes (reconstructed); the methods share untuned steps", _lazy("f2_fedmbo_vs_fednest")),
     "F3": Figure("F3", "FESS-GDA vs Local SGDA / SAGDA / Fed-Norm-SGDA on five synthetic minimax classes; "
                        "class rates, speedup in m, noisy NC-C over seeds",
                  "synthetic heterogeneous minimax problems (PL-PL, NC-SC, NC-PL, simplex form (2), NC-C; 8 clients; "
                  "64 for the speedup)",
                  "FESS-GDA's algorithm box and theorems (equations from a third-party reproduction; every rate "
-                 "reconstructed); SAGDA's and Fed-Norm-SGDA's exact update rules", _f3),
+                 "reconstructed); SAGDA's and Fed-Norm-SGDA's exact update rules", _lazy("f3_minimax")),
     "F4": Figure("F4", "FESS-GDA vs Local SGDA on fair classification (worst-group accuracy) and a small GAN; "
                        "no rate applies",
                  "UCI Adult (groups = sex) and sklearn digits (class-minimax), 20 clients; GAN on a ring of 8 "
                  "Gaussians, 8 clients",
                  "FESS-GDA's algorithm box (equations from a third-party reproduction); p is a hyperparameter "
-                 "(no smoothness constant for the GAN); the methods share untuned steps", _f4),
+                 "(no smoothness constant for the GAN); the methods share untuned steps", _lazy("f4_minimax_apps")),
     "F5": Figure("F5", "MA-DSBO: final error against the spectral gap of the gossip graph",
                  "synthetic heterogeneous quadratic (16 nodes)",
-                 "the (1 - rho) dependence of the rate, so no rate is drawn", _f5),
+                 "the (1 - rho) dependence of the rate, so no rate is drawn", _lazy("f5_topology")),
     "F6": Figure("F6", "D-TFBO / S-TFBO vs fixed-step AID / SOBA over initial step sizes; TFBO rates",
                  "noise-free quadratic; data hyper-cleaning on sklearn digits (1797 images, 40% labels corrupted)",
-                 "D-TFBO's paper-level form (reconstructed) and the averaged form of both theorems", _f6),
+                 "D-TFBO's paper-level form (reconstructed) and the averaged form of both theorems", _lazy("f6_tfbo")),
 }
 
 
