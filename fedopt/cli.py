@@ -54,7 +54,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     status = df.attrs["status"]
     last = df[df["round"] == df["round"].max()]
     shown = {m: v for m, v in zip(last.metric, last.value)
-             if m in ("hypergrad_norm_sq", "inner_error", "x_error", "test_acc", "weight_auc", "outer_loss", "comm_rounds")}
+             if m in ("hypergrad_norm_sq", "inner_error", "x_error", "test_acc", "weight_auc", "outer_loss", "stationarity",
+                      "worst_group_test_acc", "sliced_wasserstein", "modes_covered", "comm_rounds")}
     summary = "  ".join(f"{k}={v:.4g}" for k, v in shown.items())
     print(f"{status} in {df.attrs['wall_time_s']:.1f}s: {summary}")
     print(f"wrote {out}/ (config.toml, metrics.csv, meta.json, convergence.png)")

@@ -22,6 +22,11 @@ _PANELS = {
     "outer_loss": ("validation loss $f(x, y)$", True, "comm_round"),
     "weight_auc": ("AUC of sample weights (clean vs corrupted)", False, "comm_round"),
     "inner_grad_norm_sq": (r"$\|\nabla_y g(x, y)\|^2$", True, "round"),
+    # minimax problems: the class's stationarity measure, worst-group accuracy, GAN quality
+    "stationarity": ("stationarity measure of the problem class", True, "comm_round"),
+    "worst_group_test_acc": ("worst-group test accuracy", False, "comm_round"),
+    "sliced_wasserstein": ("sliced Wasserstein distance to the data", True, "comm_round"),
+    "modes_covered": ("modes covered", False, "comm_round"),
 }
 _XLABEL = {"round": "outer iteration k", "comm_round": "communication rounds"}
 
