@@ -1,7 +1,10 @@
 """Session-wide fixtures."""
 
+import time
+
 import pytest
 import torch
+from helpers import runtime_processes
 
 
 @pytest.fixture(autouse=True)
@@ -12,3 +15,20 @@ def _deterministic_threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_runtime_process_survives():
+    """At the end of the session no Ray or Flower process started during it may still run
+    (raylet, gcs_server, workers, flower-superlink, ...); processes already running before the
+    session are not ours and are ignored."""
+    before = set(runtime_processes())
+    yield
+    deadline = time.time() + 30
+    left = {}
+    while time.time() < deadline:
+        left = {pid: cmd for pid, cmd in runtime_processes().items() if pid not in before}
+        if not left:
+            return
+        time.sleep(0.5)
+    pytest.fail(f"Ray/Flower processes survived the test session: {sorted(left.values())}")

@@ -43,3 +43,23 @@ def built(raw: dict[str, Any]) -> Built:
     return build(load_config(copy.deepcopy(raw)))
 
 
+
+
+# process names of a Ray or Flower runtime (raylet, GCS, workers, the Flower daemons)
+RUNTIME_PROCESS_NAMES = ("raylet", "gcs_server", "ray::", "default_worker.py", "flower-superlink", "flower-superexec",
+                         "flwr-simulation")
+
+
+def runtime_processes() -> dict[int, str]:
+    """Running Ray / Flower runtime processes on this machine: ``{pid: command line}``."""
+    from pathlib import Path
+
+    found = {}
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(name in text for name in RUNTIME_PROCESS_NAMES):
+            found[int(cmdline.parent.name)] = text[:100]
+    return found

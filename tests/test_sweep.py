@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import tomli_w
-from helpers import quadratic_config
+from helpers import quadratic_config, runtime_processes
 
 from fedopt.cli import main
 from fedopt.errors import ConfigError
@@ -69,15 +69,7 @@ def test_serial_and_process_executors_give_identical_tables(tmp_path):
 
 
 def _ray_processes():
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if any(name in text for name in ("raylet", "gcs_server", "ray::", "default_worker.py")):
-            found.append(text[:80])
-    return found
+    return list(runtime_processes().values())
 
 
 def test_ray_executor_gives_the_same_table_and_leaves_no_process(tmp_path):

@@ -1,0 +1,302 @@
+r"""The ``ray`` engine: clients sharded over a pool of Ray actors, each running its share batched.
+
+Layout
+------
+* A pool of ``actors`` actors (never one actor per client: each costs a process, ~175 MB and ~1 s
+  to start), each pinned to ``num_cpus`` CPUs and ``num_gpus`` (fractional) GPUs. Actor ``a`` owns
+  the contiguous block of client ids ``[a * B, (a + 1) * B)``, ``B = ceil(N / actors)``.
+* The problem (its data included) is put in Ray's object store once and every actor keeps its own
+  copy resident, on its device, for the whole run. Client tasks travel once per actor, pickled with
+  the problem replaced by a reference (:mod:`fedopt.engines.wire`); per round only the payload,
+  the cohort's ids, keys and ``client_payload`` rows go out and the replies come back.
+* A round groups the cohort by owner: each actor runs its clients in one batched call (``inner =
+  "vmap"``, the default) or in a loop (``inner = "local"``: the reference engine's computation,
+  so the trajectory is bitwise that of ``local``); the replies are put back in cohort order and
+  the server averages them exactly as on the other engines.
+* Decentralized gossip (``gossip = "actors"``): node rows are sharded over the actors the same way.
+  Every block of rows is put in the object store once; actor ``a`` receives the references of only
+  the blocks its rows have neighbours in (``W[a, b] != 0``) and returns its rows of ``W X``. The
+  stacked node state itself is owned by the driver's program (the algorithms' arithmetic between
+  node steps and gossip runs there), so what an actor fetches per gossip round is its neighbour
+  blocks, never the whole network. ``gossip = "driver"`` does the matmul on the driver instead.
+
+Fault tolerance
+---------------
+Actors are created with ``max_restarts = max_task_retries = retries``. When an actor process dies,
+Ray restarts it (its constructor reloads the problem from the object store) and re-runs the
+interrupted call with the *same* arguments; client tasks are pure functions of those arguments,
+so the trajectory is unchanged (tested by killing an actor mid-run).
+
+Cluster
+-------
+``address = None`` starts a private local Ray instance with exactly ``actors * num_cpus`` CPUs
+(``address="local"``: never attaches to a cluster found in Ray's temp folder) and shuts it down in
+:meth:`RayEngine.close`. ``address = "auto"`` or ``"ray://host:port"`` joins an existing cluster;
+``close`` then only disconnects. An unreachable address, ``num_gpus > 0`` without CUDA, or Ray not
+installed are :class:`~fedopt.errors.ConfigError`\ s (one line, exit code 2).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_map
+
+from fedopt.algorithms.base import Task
+from fedopt.engines.base import AbstractEngine
+from fedopt.engines.wire import TaskCodec, loads_task
+from fedopt.errors import ConfigError, check
+from fedopt.registry import ENGINES
+
+__all__ = ["RayEngine", "ray_engine"]
+
+INNER = ("vmap", "local")
+GOSSIP = ("actors", "driver")
+_CONNECT_TIMEOUT_S = 20
+
+
+class ClientShard:
+    """One actor: a resident copy of the problem and an in-process engine over its clients."""
+
+    def __init__(self, problem_ref: list, inner: str, threads: int) -> None:
+        import ray
+
+        from fedopt.engines.local import LocalEngine
+        from fedopt.engines.vmap import VmapEngine
+
+        if threads:
+            torch.set_num_threads(threads)
+        # wrapped in a list so that Ray does not pin it as a constructor argument; the driver keeps
+        # the reference alive for the whole run, so a restarted actor reloads the same problem
+        self.problem = problem = ray.get(problem_ref[0])
+        self.engine = VmapEngine(problem) if inner == "vmap" else LocalEngine(problem)
+        self.tasks: dict[str, Task] = {}
+
+    def _task(self, token: str, blob_ref: list) -> Task:
+        task = self.tasks.get(token)
+        if task is None:
+            import ray
+
+            blob = blob_ref[0]
+            task = loads_task(ray.get(blob) if isinstance(blob, ray.ObjectRef) else blob, self.problem)
+            self.tasks[token] = task
+        return task
+
+    def run(self, token: str, blob_ref: list, payload: Any, client_payload: Any, clients: torch.Tensor,
+            keys: torch.Tensor) -> Any:
+        return self.engine.map_clients(self._task(token, blob_ref), payload, client_payload, clients, keys)
+
+    def mix(self, w_rows: torch.Tensor, *blocks: torch.Tensor) -> torch.Tensor:
+        """This shard's rows of ``W X``: ``w_rows`` holds the columns of the given neighbour blocks."""
+        return w_rows @ torch.cat(blocks)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("engine 'ray' needs Ray: pip install 'fedopt[ray]'") from None
+    return ray
+
+
+class RayEngine(AbstractEngine):
+    """Clients (or decentralized nodes) sharded over a pool of Ray actors."""
+
+    def __init__(self, problem, *, actors: int = 2, num_cpus: float = 1.0, num_gpus: float | None = None,
+                 address: str | None = None, inner: str = "vmap", gossip: str = "actors", retries: int = 3,
+                 threads: int = 1) -> None:
+        super().__init__(problem)
+        ray = _ray()
+        on_cuda = torch.device(problem.device).type == "cuda"
+        if num_gpus is None:
+            num_gpus = 1.0 / actors if on_cuda else 0.0
+        check(num_gpus == 0 or torch.cuda.is_available(),
+              f"engine.params.num_gpus = {num_gpus} but CUDA is not available on this machine; allowed: 0")
+        check(not on_cuda or num_gpus > 0,
+              f"the problem lives on {problem.device} but engine.params.num_gpus = 0; give each actor a GPU share (> 0)")
+        check(num_gpus == 0 or on_cuda, f"engine.params.num_gpus = {num_gpus} needs device = \"cuda\" in the config")
+        self.inner, self.gossip_mode, self.retries = inner, gossip, retries
+        self.num_actors = min(actors, problem.num_clients)
+        self.block = math.ceil(problem.num_clients / self.num_actors)
+        self._owns_cluster = address is None
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+        self._ray = ray
+        self._connect(address, num_cpus)
+        total = ray.cluster_resources()
+        for res, need in (("CPU", num_cpus), ("GPU", num_gpus)):
+            if need and self.num_actors * need > total.get(res, 0) + 1e-9:
+                self.close()
+                raise ConfigError(f"{self.num_actors} actors x {need} {res} exceed the cluster's {total.get(res, 0):g} "
+                                  f"{res}; lower engine.params.actors or num_{res.lower()}s")
+        try:
+            shard = ray.remote(ClientShard).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=retries,
+                                                    max_task_retries=retries)
+            problem_ref = ray.put(problem)
+            self.actors = [shard.remote([problem_ref], inner, threads) for _ in range(self.num_actors)]
+            self._problem_ref = problem_ref
+            # fail here (not mid-run) if the actors cannot be placed, e.g. too few CPUs on a cluster
+            ray.get([a.pid.remote() for a in self.actors], timeout=60)
+        except Exception as e:
+            self.close()
+            if isinstance(e, ray.exceptions.GetTimeoutError):
+                raise ConfigError(f"Ray could not place {self.num_actors} actors with num_cpus={num_cpus}, "
+                                  f"num_gpus={num_gpus} within 60 s; lower engine.params.actors or the resources") from None
+            raise
+        self.codec = TaskCodec(problem)
+        self._blobs: dict[str, Any] = {}
+
+    def _connect(self, address: str | None, num_cpus: float) -> None:
+        ray = self._ray
+        if ray.is_initialized():  # e.g. inside a Ray task of a sweep: use that cluster, leave it running
+            self._owns_cluster = False
+            return
+        kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        try:
+            if address is None:
+                ray.init(address="local", num_cpus=max(1, math.ceil(self.num_actors * num_cpus)), **kwargs)
+            else:
+                _check_reachable(address)
+                # a failed join otherwise prints Ray's own C++ retry log lines above our one line
+                os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+                ray.init(address=address, **kwargs)
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure to reach Ray is bad input here
+            msg = str(e).splitlines()[0] if str(e) else ""
+            raise ConfigError(f"cannot start or reach Ray (engine.params.address={address or 'local'!r}): "
+                              f"{type(e).__name__}: {msg}") from None
+
+    # ---- federated rounds ------------------------------------------------------------------
+
+    def _blob(self, task: Task) -> tuple[str, list]:
+        token, blob = self.codec.encode(task)
+        ref = self._blobs.get(token)
+        if ref is None:
+            ref = self._blobs[token] = self._ray.put(blob)
+        return token, [ref]  # wrapped: Ray resolves only top-level references; actors fetch on a cache miss
+
+    def map_clients(self, task: Task, payload: Any, client_payload: Any, clients: torch.Tensor,
+                    keys: torch.Tensor) -> Any:
+        ray = self._ray
+        token, blob_ref = self._blob(task)
+        owner = torch.div(clients, self.block, rounding_mode="floor")
+        order = torch.argsort(owner, stable=True)  # cohort grouped by actor, cohort order kept inside a group
+        counts = torch.bincount(owner, minlength=self.num_actors).tolist()
+        payload_ref = ray.put(payload) if sum(c > 0 for c in counts) > 1 else payload
+        refs, start = [], 0
+        for a, c in enumerate(counts):
+            if c == 0:
+                continue
+            idx = order[start:start + c]
+            start += c
+            cp = None if client_payload is None else tree_map(lambda t, idx=idx: t[idx], client_payload)
+            refs.append(self.actors[a].run.remote(token, blob_ref, payload_ref, cp, clients[idx], keys[idx]))
+        parts = ray.get(refs)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return tree_map(lambda *ts: torch.cat(ts)[inverse], *parts)
+
+    # ---- decentralized gossip --------------------------------------------------------------
+
+    def gossip(self, w, w_numpy, values):
+        if self.gossip_mode == "driver":
+            return super().gossip(w, w_numpy, values)
+        ray = self._ray
+        n, widths = values[0].shape[0], [v.shape[1] for v in values]
+        x = torch.cat(values, dim=1) if len(values) > 1 else values[0]
+        w_dense = torch.as_tensor(w_numpy, dtype=x.dtype, device=x.device)
+        bounds = self._bounds(n)
+        block_refs = [ray.put(x[lo:hi]) for lo, hi in bounds]
+        refs = []
+        for a, nbrs in enumerate(self.gossip_plan(w_numpy)):
+            lo, hi = bounds[a]
+            cols = torch.cat([torch.arange(*bounds[b], device=x.device) for b in nbrs])
+            refs.append(self.actors[a].mix.remote(w_dense[lo:hi][:, cols], *[block_refs[b] for b in nbrs]))
+        mixed = torch.cat(ray.get(refs))
+        return tuple(torch.split(mixed, widths, dim=1)) if len(values) > 1 else (mixed,)
+
+    def _bounds(self, n: int) -> list[tuple[int, int]]:
+        return [(a * self.block, min(n, (a + 1) * self.block)) for a in range(self.num_actors)]
+
+    def gossip_plan(self, w_numpy) -> list[list[int]]:
+        """For every actor, the blocks its rows have a neighbour in (the blocks it is sent)."""
+        bounds = self._bounds(w_numpy.shape[0])
+        return [[b for b, (blo, bhi) in enumerate(bounds) if (w_numpy[lo:hi, blo:bhi] != 0).any()]
+                for lo, hi in bounds]
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def actor_pids(self) -> list[int]:
+        """Process ids of the actors (to watch them, or to kill one in a fault-tolerance test)."""
+        return self._ray.get([a.pid.remote() for a in self.actors])
+
+    def close(self) -> None:
+        ray = getattr(self, "_ray", None)
+        if ray is None or not ray.is_initialized():
+            return
+        for a in getattr(self, "actors", []):
+            ray.kill(a, no_restart=True)
+        self.actors = []
+        if self._owns_cluster or _connected_as_client(ray):
+            ray.shutdown()
+
+
+def _connected_as_client(ray) -> bool:
+    try:
+        return ray.util.client.ray.is_connected()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast (one line, a few seconds) on an address nothing listens at; ``ray.init`` itself
+    can retry for minutes."""
+    import socket
+
+    if address == "auto":
+        return  # ray.init("auto") fails at once when no cluster is recorded on this machine
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    check(bool(host) and port.isdigit(),
+          f"engine.params.address = {address!r} is not 'auto', 'ray://host:port' or 'host:port'")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise ConfigError(f"cannot reach Ray at engine.params.address = {address!r}: {e.strerror or e}") from None
+
+
+@ENGINES.register("ray")
+def ray_engine(problem, *, actors: int = 2, num_cpus: float = 1.0, num_gpus: float | None = None,
+               address: str | None = None, inner: str = "vmap", gossip: str = "actors", retries: int = 3,
+               threads: int = 1) -> RayEngine:
+    """Clients sharded over a pool of Ray actors (needs ``fedopt[ray]``).
+
+    Args:
+        actors: size of the actor pool (each owns a contiguous block of client ids).
+        num_cpus: CPUs reserved per actor.
+        num_gpus: GPU share per actor (fractional allowed); default: ``1 / actors`` when the
+            problem is on CUDA, else 0. Needs CUDA.
+        address: ``None`` (a private local Ray started and stopped with the run), ``"auto"`` or
+            ``"ray://host:port"`` (join an existing cluster).
+        inner: how an actor runs its clients: ``"vmap"`` (batched) or ``"local"`` (a loop: bitwise
+            the ``local`` engine's trajectory).
+        gossip: ``"actors"`` (each actor mixes its rows from its neighbour blocks) or ``"driver"``.
+        retries: restarts of a dead actor, and re-runs of the interrupted call, before giving up.
+        threads: torch intra-op threads inside each actor (0: torch's default).
+    """
+    check(actors >= 1, f"engine.params.actors must be >= 1, got {actors}")
+    check(num_cpus > 0, f"engine.params.num_cpus must be > 0, got {num_cpus}")
+    check(num_gpus is None or num_gpus >= 0, f"engine.params.num_gpus must be >= 0, got {num_gpus}")
+    check(inner in INNER, f"engine.params.inner = {inner!r}; allowed: {', '.join(INNER)}")
+    check(gossip in GOSSIP, f"engine.params.gossip = {gossip!r}; allowed: {', '.join(GOSSIP)}")
+    check(retries >= 0, f"engine.params.retries must be >= 0, got {retries}")
+    check(threads >= 0, f"engine.params.threads must be >= 0, got {threads}")
+    check(address is None or isinstance(address, str), f"engine.params.address must be a string, got {address!r}")
+    return RayEngine(problem, actors=actors, num_cpus=num_cpus, num_gpus=num_gpus, address=address, inner=inner,
+                     gossip=gossip, retries=retries, threads=threads)

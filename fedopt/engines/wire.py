@@ -1,0 +1,91 @@
+"""What travels to remote clients: client tasks by value, the problem by reference, tensors as arrays.
+
+A :class:`~fedopt.algorithms.base.Task` is a closure built inside a server program (it captures the
+batch size, step sizes and the problem). Remote workers (Ray actors, Flower clients) already hold
+the problem and its data, so a task is pickled with ``cloudpickle`` *except* the problem: every
+reference to it is written as a persistent id and resolved, on the receiving side, to the
+worker's own copy. A task is then a few kilobytes, sent once and cached by its token; per round
+only the payload and the replies travel.
+
+Security note: a pickled task is code. A worker runs what its server sends, so the two must trust
+each other (the same trust a Flower deployment already places in the server's ClientApp code).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+from typing import Any
+
+import cloudpickle
+import numpy as np
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
+
+from fedopt.algorithms.base import Task
+
+__all__ = ["TaskCodec", "decode_tree", "dumps_task", "encode_tree", "loads_task"]
+
+_PROBLEM_ID = "fedopt:problem"
+
+
+class _TaskPickler(cloudpickle.CloudPickler):
+    def __init__(self, file: io.BytesIO, problem: Any) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._problem = problem
+
+    def persistent_id(self, obj: Any) -> str | None:  # noqa: D102 - pickle hook
+        return _PROBLEM_ID if obj is self._problem else None
+
+
+class _TaskUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, problem: Any) -> None:
+        super().__init__(file)
+        self._problem = problem
+
+    def persistent_load(self, pid: Any) -> Any:  # noqa: D102 - pickle hook
+        if pid != _PROBLEM_ID:
+            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+        return self._problem
+
+
+def dumps_task(task: Task, problem: Any) -> bytes:
+    """``task`` as bytes, with ``problem`` replaced by a reference."""
+    buf = io.BytesIO()
+    _TaskPickler(buf, problem).dump(task)
+    return buf.getvalue()
+
+
+def loads_task(blob: bytes, problem: Any) -> Task:
+    """The task of :func:`dumps_task`, bound to the receiver's ``problem``."""
+    return _TaskUnpickler(io.BytesIO(blob), problem).load()
+
+
+class TaskCodec:
+    """Sender side: each task pickled once, named by the hash of its bytes (its *token*)."""
+
+    def __init__(self, problem: Any) -> None:
+        self.problem = problem
+        self._cache: dict[int, tuple[Task, str, bytes]] = {}  # id(task) -> (task kept alive, token, blob)
+
+    def encode(self, task: Task) -> tuple[str, bytes]:
+        hit = self._cache.get(id(task))
+        if hit is None:
+            blob = dumps_task(task, self.problem)
+            hit = (task, hashlib.sha1(blob).hexdigest(), blob)
+            if len(self._cache) > 256:  # programs build a handful of tasks; bound it anyway
+                self._cache.clear()
+            self._cache[id(task)] = hit
+        return hit[1], hit[2]
+
+
+def encode_tree(tree: Any) -> tuple[list[np.ndarray], str]:
+    """A pytree of tensors as (numpy leaves, treespec string); ``None`` leaves stay in the spec."""
+    leaves, spec = tree_flatten(tree)
+    return [t.detach().cpu().numpy() for t in leaves], treespec_dumps(spec)
+
+
+def decode_tree(arrays: list[np.ndarray], spec: str, device: torch.device | str = "cpu") -> Any:
+    """Inverse of :func:`encode_tree` (arrays copied into new tensors on ``device``)."""
+    return tree_unflatten([torch.from_numpy(np.array(a, copy=True)).to(device) for a in arrays], treespec_loads(spec))
