@@ -352,6 +352,8 @@ def build(cfg: RunConfig) -> Built:
           f"algorithm {cfg.algorithm.name!r} solves {solves} problems but problem {cfg.problem.name!r} is "
           f"{'minimax' if is_minimax else 'bilevel'}; allowed: "
           + (", ".join(n for n in PROBLEMS.names() if _is_minimax_factory(n) == (solves == "minimax"))))
+    check(network is None or cfg.engine.name != "flower",
+          f"engine 'flower' runs federated algorithms; {cfg.algorithm.name!r} is decentralized: use vmap, local or ray")
     engine = ENGINES.get(cfg.engine.name)(problem, **cfg.engine.params)
     return Built(problem, algorithm, engine, network)
 
@@ -383,7 +385,11 @@ def execute(cfg: RunConfig, built: Built | None = None, *, progress: bool = Fals
         try:
             common = dict(rounds=cfg.rounds, seed=cfg.seed, eval_every=cfg.eval_every,
                           on_iterate=tick if progress else None)
-            if built.network is not None:
+            from fedopt.engines.flower_engine import FlowerEngine
+
+            if isinstance(built.engine, FlowerEngine):  # Flower drives the program from its ServerApp
+                result = built.engine.run(built.algorithm, **common)
+            elif built.network is not None:
                 result = simulate_decentralized(built.problem, built.algorithm, built.engine, built.network, **common)
             else:
                 result = simulate(built.problem, built.algorithm, built.engine, **common)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import pickle
 from typing import Any
 
@@ -81,11 +82,25 @@ class TaskCodec:
 
 
 def encode_tree(tree: Any) -> tuple[list[np.ndarray], str]:
-    """A pytree of tensors as (numpy leaves, treespec string); ``None`` leaves stay in the spec."""
+    """A pytree as (numpy arrays, spec string). Tensor leaves become arrays; ``None`` and Python
+    numbers are kept in the spec (so ``decode_tree`` gives back exactly the same kinds)."""
     leaves, spec = tree_flatten(tree)
-    return [t.detach().cpu().numpy() for t in leaves], treespec_dumps(spec)
+    arrays, kinds = [], []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            arrays.append(leaf.detach().cpu().numpy())
+            kinds.append("t")
+        elif leaf is None or isinstance(leaf, bool | int | float):
+            kinds.append(["v", leaf])
+        else:
+            raise TypeError(f"cannot send a {type(leaf).__name__} to a client (tensors, numbers and None only)")
+    return arrays, json.dumps({"spec": treespec_dumps(spec), "kinds": kinds})
 
 
 def decode_tree(arrays: list[np.ndarray], spec: str, device: torch.device | str = "cpu") -> Any:
     """Inverse of :func:`encode_tree` (arrays copied into new tensors on ``device``)."""
-    return tree_unflatten([torch.from_numpy(np.array(a, copy=True)).to(device) for a in arrays], treespec_loads(spec))
+    meta = json.loads(spec)
+    it = iter(arrays)
+    leaves = [torch.from_numpy(np.array(next(it), copy=True)).to(device) if kind == "t" else kind[1]
+              for kind in meta["kinds"]]
+    return tree_unflatten(leaves, treespec_loads(meta["spec"]))

@@ -1,0 +1,159 @@
+"""The ``flower`` engine: a config run under Flower's simulation runtime (Ray backend).
+
+:meth:`FlowerEngine.run` starts ``flwr.simulation.run_simulation`` with one virtual SuperNode per
+client; its ServerApp builds the algorithm's strategy (:mod:`fedopt.flower`) and calls
+``strategy.start(grid, num_rounds=rounds)``; the ClientApp is :func:`fedopt.flower.client_app`.
+Set-up, as measured in ``../notes/flower_ray.md``: telemetry and update checks off, a private Ray
+instance (``address="local"``, ``actors * num_cpus`` CPUs), ``num_cpus`` per client actor (Flower's
+default of 2 gives one actor on a 2-core machine), a finite per-round ``timeout`` (a crashed
+simulation otherwise leaves the ServerApp thread waiting for an hour), and Flower's 0.1 s message
+poll lowered to ``pull_interval``. ``run_simulation`` is deprecated in Flower 1.42 but is the only
+in-process entry point; it is wrapped here, in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from fedopt.engines.base import AbstractEngine
+from fedopt.errors import ConfigError, check
+from fedopt.registry import ENGINES
+
+__all__ = ["FlowerEngine", "flower_engine"]
+
+_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+
+
+def _flower():
+    try:
+        import flwr.simulation  # noqa: F401
+    except ImportError:
+        raise ConfigError("engine 'flower' needs Flower: pip install 'fedopt[flower]'") from None
+    import fedopt.flower
+
+    return fedopt.flower
+
+
+class FlowerEngine(AbstractEngine):
+    """Runs federated algorithms as Flower strategies over virtual SuperNodes."""
+
+    def __init__(self, problem, *, actors: int = 2, num_cpus: int = 1, num_gpus: float | None = None,
+                 timeout: float = 60.0, pull_interval: float = 0.005) -> None:
+        super().__init__(problem)
+        for k, v in _ENV.items():
+            os.environ.setdefault(k, v)
+        self.flower = _flower()
+        on_cuda = torch.device(problem.device).type == "cuda"
+        if num_gpus is None:
+            num_gpus = 1.0 / actors if on_cuda else 0.0
+        check(num_gpus == 0 or torch.cuda.is_available(),
+              f"engine.params.num_gpus = {num_gpus} but CUDA is not available on this machine; allowed: 0")
+        check(num_gpus == 0 or on_cuda, f"engine.params.num_gpus = {num_gpus} needs device = \"cuda\" in the config")
+        self.actors, self.num_cpus, self.num_gpus = actors, num_cpus, num_gpus
+        self.timeout, self.pull_interval = timeout, pull_interval
+
+    def map_clients(self, task, payload, client_payload, clients, keys):
+        raise RuntimeError("the flower engine runs whole programs (FlowerEngine.run), not single rounds")
+
+    def run(self, algorithm: Any, *, rounds: int, seed: int, eval_every: int = 1, on_iterate=None):
+        """Run ``algorithm`` for ``rounds`` outer iterations under Flower; returns fedopt's RunResult."""
+        from flwr.serverapp import ServerApp
+        from flwr.simulation import run_simulation
+
+        fl = self.flower
+        strategy = fl.FedoptStrategy.for_algorithm(self.problem, algorithm, seed=seed, eval_every=eval_every,
+                                                   timeout=self.timeout, on_iterate=on_iterate)
+        server = ServerApp()
+        failure: list[BaseException] = []
+        pull_interval = self.pull_interval
+
+        @server.main()
+        def main(grid, context) -> None:
+            del context
+            if hasattr(grid, "pull_interval"):
+                grid.pull_interval = pull_interval
+            try:
+                strategy.start(grid, num_rounds=rounds, timeout=self.timeout)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
+                failure.append(e)
+
+        threads = torch.get_num_threads()
+        backend = {"client_resources": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+                   "init_args": {"num_cpus": self.actors * self.num_cpus, "num_gpus": 1 if self.num_gpus else 0,
+                                 "address": "local", "include_dashboard": False, "log_to_driver": False,
+                                 "logging_level": "ERROR"}}
+        quiet = _Quiet()
+        with quiet:
+            run_simulation(server_app=server, client_app=fl.client_app(self.problem),
+                           num_supernodes=self.problem.num_clients, backend_name="ray", backend_config=backend)
+        torch.set_num_threads(threads)
+        if failure:
+            raise failure[0]
+        if strategy.run_result is None:
+            raise RuntimeError("the Flower simulation ended before the strategy finished: "
+                               + (quiet.last_error or "see Flower's log"))
+        return strategy.run_result
+
+
+class _Quiet:
+    """Flower logs every round at INFO; keep warnings and errors (and remember the last error)."""
+
+    def __enter__(self):
+        self.logger = logging.getLogger("flwr")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.WARNING)
+        self.last_error: str | None = None
+        quiet = self
+
+        class Keep(logging.Handler):
+            def emit(self, record):
+                if record.levelno >= logging.ERROR:
+                    quiet.last_error = record.getMessage().splitlines()[0]
+
+        self.handler = Keep()
+        self.logger.addHandler(self.handler)
+        self.drop = _DropDeprecation()
+        for h in self.logger.handlers:
+            h.addFilter(self.drop)
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.logger.handlers:
+            h.removeFilter(self.drop)
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.level)
+        return False
+
+
+class _DropDeprecation(logging.Filter):
+    """``run_simulation``'s deprecation notice (known, and the wrapper above is the one place to change)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "DEPRECATED FEATURE" not in record.getMessage() and "deprecated feature" not in record.getMessage()
+
+
+@ENGINES.register("flower")
+def flower_engine(problem, *, actors: int = 2, num_cpus: int = 1, num_gpus: float | None = None,
+                  timeout: float = 60.0, pull_interval: float = 0.005) -> FlowerEngine:
+    """Federated algorithms as Flower strategies under Flower's simulation runtime (``fedopt[flower]``).
+
+    Args:
+        actors: Ray actors that serve the virtual clients (the simulation starts ``actors *
+            num_cpus`` CPUs).
+        num_cpus: CPUs per client actor (an integer, as in ``flwr run``'s federation config).
+        num_gpus: GPU share per client actor; default ``1 / actors`` when the problem is on CUDA,
+            else 0. Needs CUDA.
+        timeout: seconds to wait for the replies of one round (and for the nodes to register).
+        pull_interval: seconds between the server's polls for replies (Flower's default: 0.1).
+    """
+    check(actors >= 1, f"engine.params.actors must be >= 1, got {actors}")
+    check(num_cpus >= 1, f"engine.params.num_cpus must be an integer >= 1, got {num_cpus}")
+    check(num_gpus is None or num_gpus >= 0, f"engine.params.num_gpus must be >= 0, got {num_gpus}")
+    check(timeout > 0, f"engine.params.timeout must be > 0 seconds, got {timeout}")
+    check(pull_interval > 0, f"engine.params.pull_interval must be > 0 seconds, got {pull_interval}")
+    return FlowerEngine(problem, actors=actors, num_cpus=num_cpus, num_gpus=num_gpus, timeout=timeout,
+                        pull_interval=pull_interval)
