@@ -31,4 +31,4 @@ def _no_runtime_process_survives():
         if not left:
             return
         time.sleep(0.5)
-    pytest.fail(f"Ray/Flower processes survived the test session: {sorted(left.values())}")
+    pytest.fail(f"Ray/Flower processes survived the test session: {sorted(c[:100] for c in left.values())}")

@@ -51,7 +51,7 @@ RUNTIME_PROCESS_NAMES = ("raylet", "gcs_server", "ray::", "default_worker.py", "
 
 
 def runtime_processes() -> dict[int, str]:
-    """Running Ray / Flower runtime processes on this machine: ``{pid: command line}``."""
+    """Running Ray / Flower runtime processes on this machine: ``{pid: full command line}``."""
     from pathlib import Path
 
     found = {}
@@ -61,5 +61,5 @@ def runtime_processes() -> dict[int, str]:
         except OSError:
             continue
         if any(name in text for name in RUNTIME_PROCESS_NAMES):
-            found[int(cmdline.parent.name)] = text[:100]
+            found[int(cmdline.parent.name)] = text
     return found

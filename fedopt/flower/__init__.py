@@ -56,9 +56,23 @@ TASK_NAMES = ("lower_grad", "outer_grad", "neumann", "cross", "hvp", "hypergrad"
 # ---- client side -------------------------------------------------------------------------------
 
 def client_app(problem: Any) -> ClientApp:
-    """The ClientApp of ``problem``: one handler per task name; node = partition id = client id."""
+    """The ClientApp of ``problem``: one handler per task name; node = partition id = client id.
+
+    ``problem`` is a problem object, or a function ``problem(context) -> problem`` called on the
+    first message (a deployed ClientApp builds its problem from the run config) and cached for
+    the run."""
     app = ClientApp()
     tasks: dict[str, Task] = {}
+    built: dict[int, Any] = {}
+
+    def resolve(context: Context) -> Any:
+        if not callable(problem):
+            return problem
+        if context.run_id not in built:
+            built.clear()
+            tasks.clear()
+            built[context.run_id] = problem(context)
+        return built[context.run_id]
 
     def partition_id(context: Context) -> int:
         return int(context.node_config["partition-id"])
@@ -72,16 +86,17 @@ def client_app(problem: Any) -> ClientApp:
         client = int(cfg["client"])
         if client != partition_id(context):
             raise ValueError(f"message for client {client} reached partition {partition_id(context)}")
+        problem_ = resolve(context)
         token = str(cfg["token"])
         task = tasks.get(token)
         if task is None:
-            task = tasks[token] = loads_task(bytes(cfg["blob"]), problem)
+            task = tasks[token] = loads_task(bytes(cfg["blob"]), problem_)
         arrays = msg.content["arrays"].to_numpy_ndarrays()
         n_payload = int(cfg["n_payload"])
-        device = problem.device
+        device = problem_.device
         payload = decode_tree(arrays[:n_payload], str(cfg["payload_spec"]), device)
         cp = decode_tree(arrays[n_payload:], str(cfg["cp_spec"]), device)
-        reply = task.fn(payload, cp, problem.data, torch.tensor(client, dtype=torch.int64, device=device),
+        reply = task.fn(payload, cp, problem_.data, torch.tensor(client, dtype=torch.int64, device=device),
                         torch.tensor(int(cfg["key"]), dtype=torch.int64, device=device))
         leaves, spec = encode_tree(reply)
         return Message(RecordDict({"arrays": ArrayRecord(numpy_ndarrays=leaves, keep_input=True),
