@@ -81,15 +81,25 @@ class FlowerEngine(AbstractEngine):
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
                 failure.append(e)
 
+        import ray
+
         threads = torch.get_num_threads()
-        backend = {"client_resources": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
-                   "init_args": {"num_cpus": self.actors * self.num_cpus, "num_gpus": 1 if self.num_gpus else 0,
-                                 "address": "local", "include_dashboard": False, "log_to_driver": False,
-                                 "logging_level": "ERROR"}}
+        init_args = {"num_cpus": self.actors * self.num_cpus, "num_gpus": 1 if self.num_gpus else 0,
+                     "address": "local", "include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
+        if not ray.is_initialized():  # started here so the problem can be put in the object store first;
+            # Flower's backend then reuses it and shuts it down at the end of the simulation
+            ray.init(**init_args)
+        problem_ref = fl.ProblemRef(ray.put(self.problem))
+        backend = {"client_resources": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}, "init_args": init_args}
         quiet = _Quiet()
-        with quiet:
-            run_simulation(server_app=server, client_app=fl.client_app(self.problem),
-                           num_supernodes=self.problem.num_clients, backend_name="ray", backend_config=backend)
+        try:
+            with quiet:
+                run_simulation(server_app=server, client_app=fl.client_app(problem_ref),
+                               num_supernodes=self.problem.num_clients, backend_name="ray", backend_config=backend)
+        finally:
+            del problem_ref
+            if ray.is_initialized():
+                ray.shutdown()
         torch.set_num_threads(threads)
         if failure:
             raise failure[0]

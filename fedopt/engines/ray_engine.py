@@ -42,12 +42,13 @@ import math
 import os
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils._pytree import tree_map
 
 from fedopt.algorithms.base import Task
 from fedopt.engines.base import AbstractEngine
-from fedopt.engines.wire import TaskCodec, loads_task
+from fedopt.engines.wire import TaskCodec, decode_tree, encode_tree, loads_task
 from fedopt.errors import ConfigError, check
 from fedopt.registry import ENGINES
 
@@ -61,33 +62,45 @@ _CONNECT_TIMEOUT_S = 20
 class ClientShard:
     """One actor: a resident copy of the problem and an in-process engine over its clients."""
 
-    def __init__(self, problem_ref: list, inner: str, threads: int) -> None:
+    def __init__(self, inner: str, threads: int) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.inner = inner
+        self.problem: Any = None
+        self.engine: Any = None
+        self.tasks: dict[str, Task] = {}
+
+    def _load(self, problem_ref: list) -> None:
+        """Fetch the problem (on the first call, and again after a restart). It is not a constructor
+        argument: Ray warns about restartable actors whose constructor arguments live in the
+        object store."""
         import ray
 
         from fedopt.engines.local import LocalEngine
         from fedopt.engines.vmap import VmapEngine
 
-        if threads:
-            torch.set_num_threads(threads)
-        # wrapped in a list so that Ray does not pin it as a constructor argument; the driver keeps
-        # the reference alive for the whole run, so a restarted actor reloads the same problem
-        self.problem = problem = ray.get(problem_ref[0])
-        self.engine = VmapEngine(problem) if inner == "vmap" else LocalEngine(problem)
-        self.tasks: dict[str, Task] = {}
+        self.problem = ray.get(problem_ref[0])
+        self.engine = VmapEngine(self.problem) if self.inner == "vmap" else LocalEngine(self.problem)
 
-    def _task(self, token: str, blob_ref: list) -> Task:
-        task = self.tasks.get(token)
-        if task is None:
+    def run(self, token: str, payload: tuple, client_payload: tuple, clients: np.ndarray, keys: np.ndarray,
+            refs: list | None = None) -> tuple | None:
+        """This shard's clients of one round; ``None`` when the problem or the task is not loaded yet
+        (the driver then repeats the call with ``refs = [problem, task blob]``, still unresolved
+        references). Pytrees travel as (numpy arrays, spec): Ray pickles numpy zero-copy."""
+        if refs is not None:
             import ray
 
-            blob = blob_ref[0]
-            task = loads_task(ray.get(blob) if isinstance(blob, ray.ObjectRef) else blob, self.problem)
-            self.tasks[token] = task
-        return task
-
-    def run(self, token: str, blob_ref: list, payload: Any, client_payload: Any, clients: torch.Tensor,
-            keys: torch.Tensor) -> Any:
-        return self.engine.map_clients(self._task(token, blob_ref), payload, client_payload, clients, keys)
+            if self.problem is None:
+                self._load(refs)
+            if token not in self.tasks:
+                self.tasks[token] = loads_task(ray.get(refs[1]), self.problem)
+        task = self.tasks.get(token)
+        if task is None:
+            return None
+        dev = self.problem.device
+        out = self.engine.map_clients(task, decode_tree(*payload, dev), decode_tree(*client_payload, dev),
+                                      torch.from_numpy(clients).to(dev), torch.from_numpy(keys).to(dev))
+        return encode_tree(out)
 
     def mix(self, w_rows: torch.Tensor, *blocks: torch.Tensor) -> torch.Tensor:
         """This shard's rows of ``W X``: ``w_rows`` holds the columns of the given neighbour blocks."""
@@ -137,9 +150,8 @@ class RayEngine(AbstractEngine):
         try:
             shard = ray.remote(ClientShard).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=retries,
                                                     max_task_retries=retries)
-            problem_ref = ray.put(problem)
-            self.actors = [shard.remote([problem_ref], inner, threads) for _ in range(self.num_actors)]
-            self._problem_ref = problem_ref
+            self._problem_ref = [ray.put(problem)]  # wrapped: actors fetch it themselves, once
+            self.actors = [shard.remote(inner, threads) for _ in range(self.num_actors)]
             # fail here (not mid-run) if the actors cannot be placed, e.g. too few CPUs on a cluster
             ray.get([a.pid.remote() for a in self.actors], timeout=60)
         except Exception as e:
@@ -174,12 +186,12 @@ class RayEngine(AbstractEngine):
 
     # ---- federated rounds ------------------------------------------------------------------
 
-    def _blob(self, task: Task) -> tuple[str, list]:
+    def _blob(self, task: Task) -> tuple[str, Any]:
         token, blob = self.codec.encode(task)
         ref = self._blobs.get(token)
         if ref is None:
             ref = self._blobs[token] = self._ray.put(blob)
-        return token, [ref]  # wrapped: Ray resolves only top-level references; actors fetch on a cache miss
+        return token, ref
 
     def map_clients(self, task: Task, payload: Any, client_payload: Any, clients: torch.Tensor,
                     keys: torch.Tensor) -> Any:
@@ -188,16 +200,26 @@ class RayEngine(AbstractEngine):
         owner = torch.div(clients, self.block, rounding_mode="floor")
         order = torch.argsort(owner, stable=True)  # cohort grouped by actor, cohort order kept inside a group
         counts = torch.bincount(owner, minlength=self.num_actors).tolist()
-        payload_ref = ray.put(payload) if sum(c > 0 for c in counts) > 1 else payload
-        refs, start = [], 0
+        payload_wire = encode_tree(payload)
+        clients_np, keys_np = clients.cpu().numpy(), keys.cpu().numpy()
+        order_np = order.cpu().numpy()
+        calls, start = [], 0
         for a, c in enumerate(counts):
             if c == 0:
                 continue
-            idx = order[start:start + c]
+            idx = order_np[start:start + c]
             start += c
-            cp = None if client_payload is None else tree_map(lambda t, idx=idx: t[idx], client_payload)
-            refs.append(self.actors[a].run.remote(token, blob_ref, payload_ref, cp, clients[idx], keys[idx]))
-        parts = ray.get(refs)
+            cp = None if client_payload is None else tree_map(lambda t, idx=idx: t[torch.as_tensor(idx, device=t.device)],
+                                                              client_payload)
+            calls.append((self.actors[a], (token, payload_wire, encode_tree(cp), clients_np[idx], keys_np[idx])))
+        results = ray.get([actor.run.remote(*args) for actor, args in calls])
+        missing = [j for j, r in enumerate(results) if r is None]
+        if missing:  # first use of this task on an actor, or an actor restarted: send the references
+            refs = [self._problem_ref[0], blob_ref]
+            again = ray.get([calls[j][0].run.remote(*calls[j][1], refs=refs) for j in missing])
+            for j, r in zip(missing, again, strict=True):
+                results[j] = r
+        parts = [decode_tree(*wire, clients.device) for wire in results]
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         return tree_map(lambda *ts: torch.cat(ts)[inverse], *parts)
