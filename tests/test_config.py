@@ -39,7 +39,7 @@ BAD = {
     "too many sampled": (["algorithm.params.clients_per_round=9"], "clients_per_round = 9 exceeds clients = 8; allowed: 1..8"),
     "unknown algorithm": (["algorithm.name=fedavgx"], "unknown algorithm 'fedavgx'; available: aid, d_tfbo, dbo, dbo_stochastic, fed_norm_sgda, fedmbo, fednest, fess_gda, lfednest, local_sgda, local_sgda_plus, ma_dsbo, ma_dsbo_gt, s_tfbo, sagda, soba"),
     "unknown problem": (["problem.name=cubic"], "unknown problem 'cubic'; available:"),
-    "unknown engine": (["engine.name=gpu"], "unknown engine 'gpu'; available: local, vmap"),
+    "unknown engine": (["engine.name=gpu"], "unknown engine 'gpu'; available: flower, local, ray, vmap"),
     "bad dtype": (["dtype=float16"], "dtype must be one of float32, float64"),
     "negative rounds": (["rounds=-1"], "rounds must be >= 0"),
     "cuda without cuda": (["device=cuda"], "CUDA is not available|needs"),
