@@ -19,7 +19,6 @@ import json
 import pickle
 from typing import Any
 
-import cloudpickle
 import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
@@ -29,15 +28,6 @@ from fedopt.algorithms.base import Task
 __all__ = ["TaskCodec", "decode_tree", "dumps_task", "encode_tree", "loads_task"]
 
 _PROBLEM_ID = "fedopt:problem"
-
-
-class _TaskPickler(cloudpickle.CloudPickler):
-    def __init__(self, file: io.BytesIO, problem: Any) -> None:
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self._problem = problem
-
-    def persistent_id(self, obj: Any) -> str | None:  # noqa: D102 - pickle hook
-        return _PROBLEM_ID if obj is self._problem else None
 
 
 class _TaskUnpickler(pickle.Unpickler):
@@ -52,9 +42,16 @@ class _TaskUnpickler(pickle.Unpickler):
 
 
 def dumps_task(task: Task, problem: Any) -> bytes:
-    """``task`` as bytes, with ``problem`` replaced by a reference."""
+    """``task`` as bytes, with ``problem`` replaced by a reference (needs ``cloudpickle``, which the
+    ``ray`` and ``flower`` extras bring)."""
+    import cloudpickle
+
+    class TaskPickler(cloudpickle.CloudPickler):
+        def persistent_id(self, obj: Any) -> str | None:
+            return _PROBLEM_ID if obj is problem else None
+
     buf = io.BytesIO()
-    _TaskPickler(buf, problem).dump(task)
+    TaskPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(task)
     return buf.getvalue()
 
 
