@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for m in ms:
                 b = built_for(n, m)
-                speeds["ray", m] = rounds_per_s(lambda K, cb, b=b: simulate(
-                    b.problem, b.algorithm, ray_engine, rounds=K, seed=0, eval_every=K, on_iterate=cb), ITERS["ray", m])
+                speeds["ray", m] = rounds_per_s(lambda K, cb, b=b, e=ray_engine: simulate(
+                    b.problem, b.algorithm, e, rounds=K, seed=0, eval_every=K, on_iterate=cb), ITERS["ray", m])
                 print(f"N={n} m={m} ray: {speeds['ray', m]:.1f} rounds/s", flush=True)
         finally:
             ray_engine.close()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import torch
-
 from fedopt.config import load_config
 from fedopt.runner import Built, build
 
@@ -63,3 +61,12 @@ def runtime_processes() -> dict[int, str]:
         if any(name in text for name in RUNTIME_PROCESS_NAMES):
             found[int(cmdline.parent.name)] = text
     return found
+
+
+def engine_metrics(raw: dict[str, Any], engine: str, **params: Any):
+    """``raw`` run on ``engine`` (with engine ``params``): metrics as a round x metric frame."""
+    import fedopt
+
+    raw = copy.deepcopy(raw)
+    raw["engine"] = {"name": engine, "params": params}
+    return fedopt.run(raw).pivot(index="round", columns="metric", values="value")

@@ -168,7 +168,7 @@ class RayEngine(AbstractEngine):
         if ray.is_initialized():  # e.g. inside a Ray task of a sweep: use that cluster, leave it running
             self._owns_cluster = False
             return
-        kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
         try:
             if address is None:
                 ray.init(address="local", num_cpus=max(1, math.ceil(self.num_actors * num_cpus)), **kwargs)

@@ -33,20 +33,29 @@ from typing import Any
 
 import torch
 
-from fedopt.algorithms.base import FederatedAlgorithm, Task
+from fedopt.algorithms.base import FederatedAlgorithm
 from fedopt.engines.base import AbstractEngine
 from fedopt.engines.wire import TaskCodec, decode_tree, encode_tree, loads_task
 from fedopt.registry import ALGORITHMS
 
 try:
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.app import (
+        ArrayRecord,
+        ConfigRecord,
+        Context,
+        Message,
+        MetricRecord,
+        RecordDict,
+    )
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid
     from flwr.serverapp.strategy import Result, Strategy
 except ImportError as e:  # pragma: no cover - exercised by the missing-extra test through the engine
     raise ImportError("fedopt.flower needs Flower: pip install 'fedopt[flower]'") from e
 
-__all__ = ["STRATEGIES", "TASK_NAMES", "FedoptStrategy", "ProblemRef", "client_app"]
+__all__ = ["STRATEGIES", "TASK_NAMES", "FESSGDAStrategy", "FedMBOStrategy", "FedNestStrategy", "FedNormSGDAStrategy",
+           "FedoptStrategy", "LFedNestStrategy", "LocalSGDAPlusStrategy", "LocalSGDAStrategy", "ProblemRef",
+           "SAGDAStrategy", "client_app"]
 
 #: Every client task name of fedopt's federated algorithms: one ``@app.train`` handler each.
 TASK_NAMES = ("lower_grad", "outer_grad", "neumann", "cross", "hvp", "hypergrad", "svrg_inner", "svrg_outer",
@@ -234,10 +243,10 @@ class FedoptStrategy(Strategy):
         stacked_leaves, _ = encode_tree(self._stacked)
         return ArrayRecord(numpy_ndarrays=stacked_leaves, keep_input=True), MetricRecord({"clients": expected})
 
-    def configure_evaluate(self, server_round, arrays, config, grid):  # noqa: D102 - metrics are exact, server-side
+    def configure_evaluate(self, server_round, arrays, config, grid):
         return []
 
-    def aggregate_evaluate(self, server_round, replies):  # noqa: D102
+    def aggregate_evaluate(self, server_round, replies):
         return None
 
     def summary(self) -> None:
@@ -315,7 +324,6 @@ _CLASS_NAMES = {"fedmbo": "FedMBOStrategy", "fednest": "FedNestStrategy", "lfedn
                 "local_sgda_plus": "LocalSGDAPlusStrategy", "sagda": "SAGDAStrategy",
                 "fed_norm_sgda": "FedNormSGDAStrategy"}
 STRATEGIES: dict[str, type[FedoptStrategy]] = {alg: _strategy_class(cls, alg) for alg, cls in _CLASS_NAMES.items()}
-__all__ += sorted(c.__name__ for c in STRATEGIES.values())
 
 FedMBOStrategy = STRATEGIES["fedmbo"]
 FedNestStrategy = STRATEGIES["fednest"]

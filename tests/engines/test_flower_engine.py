@@ -10,8 +10,8 @@ import pytest
 import tomli_w
 import torch
 from helpers import dec_config, quadratic_config
+from helpers import engine_metrics as metrics
 
-import fedopt
 from fedopt.algorithms.base import Task
 from fedopt.config import load_config
 from fedopt.engines.local import LocalEngine
@@ -32,12 +32,6 @@ FEDERATED = {
                  "algorithm": {"name": "fess_gda", "params": {"lr_x": 0.05, "lr_y": 0.05, "local_steps": 3,
                                                               "clients_per_round": 3}}},
 }
-
-
-def metrics(raw, engine, **params):
-    raw = copy.deepcopy(raw)
-    raw["engine"] = {"name": engine, "params": params}
-    return fedopt.run(raw).pivot(index="round", columns="metric", values="value")
 
 
 @pytest.mark.parametrize("case", list(FEDERATED))
@@ -83,8 +77,9 @@ def test_every_task_of_every_strategy_has_a_client_handler(algorithm):
 
 
 def test_named_strategies_build_their_algorithm_from_parameters():
-    from fedopt.flower import FedMBOStrategy, FedoptStrategy, FESSGDAStrategy
     from flwr.serverapp.strategy import Strategy
+
+    from fedopt.flower import FedMBOStrategy, FedoptStrategy, FESSGDAStrategy
 
     built = build(load_config(FEDERATED["fedmbo"]))
     s = FedMBOStrategy(built.problem, clients_per_round=2, neumann_terms=3, outer_lr=0.1, inner_lr=0.1,
