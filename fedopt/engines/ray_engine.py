@@ -32,7 +32,8 @@ Cluster
 ``address = None`` starts a private local Ray instance with exactly ``actors * num_cpus`` CPUs
 (``address="local"``: never attaches to a cluster found in Ray's temp folder) and shuts it down in
 :meth:`RayEngine.close`. ``address = "auto"`` or ``"ray://host:port"`` joins an existing cluster;
-``close`` then only disconnects. An unreachable address, ``num_gpus > 0`` without CUDA, or Ray not
+``close`` then disconnects and leaves the cluster running. A Ray already initialised in the
+process (a test session's, a sweep task's) is used as it is and left running. An unreachable address, ``num_gpus > 0`` without CUDA, or Ray not
 installed are :class:`~fedopt.errors.ConfigError`\ s (one line, exit code 2).
 """
 
@@ -137,7 +138,7 @@ class RayEngine(AbstractEngine):
         self.inner, self.gossip_mode, self.retries = inner, gossip, retries
         self.num_actors = min(actors, problem.num_clients)
         self.block = math.ceil(problem.num_clients / self.num_actors)
-        self._owns_cluster = address is None
+        self._started_here = False  # whether this engine called ray.init (and so must shut it down)
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
         self._ray = ray
         self._connect(address, num_cpus)
@@ -165,18 +166,19 @@ class RayEngine(AbstractEngine):
 
     def _connect(self, address: str | None, num_cpus: float) -> None:
         ray = self._ray
-        if ray.is_initialized():  # e.g. inside a Ray task of a sweep: use that cluster, leave it running
-            self._owns_cluster = False
+        if ray.is_initialized():  # e.g. a test session's or a sweep's Ray: use it, leave it running
             return
         kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
         try:
             if address is None:
                 ray.init(address="local", num_cpus=max(1, math.ceil(self.num_actors * num_cpus)), **kwargs)
+                self._started_here = True
             else:
                 _check_reachable(address)
                 # a failed join otherwise prints Ray's own C++ retry log lines above our one line
                 os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
                 ray.init(address=address, **kwargs)
+            self._started_here = True
         except ConfigError:
             raise
         except Exception as e:  # noqa: BLE001 - any failure to reach Ray is bad input here
@@ -213,12 +215,16 @@ class RayEngine(AbstractEngine):
                                                               client_payload)
             calls.append((self.actors[a], (token, payload_wire, encode_tree(cp), clients_np[idx], keys_np[idx])))
         results = ray.get([actor.run.remote(*args) for actor, args in calls])
-        missing = [j for j, r in enumerate(results) if r is None]
-        if missing:  # first use of this task on an actor, or an actor restarted: send the references
-            refs = [self._problem_ref[0], blob_ref]
+        refs = [self._problem_ref[0], blob_ref]
+        for _ in range(self.retries + 1):  # first use of a task on an actor, or a restarted actor: send the references
+            missing = [j for j, r in enumerate(results) if r is None]
+            if not missing:
+                break
             again = ray.get([calls[j][0].run.remote(*calls[j][1], refs=refs) for j in missing])
             for j, r in zip(missing, again, strict=True):
                 results[j] = r
+        if any(r is None for r in results):
+            raise RuntimeError(f"Ray actors kept losing their state during task {task.name!r}")
         parts = [decode_tree(*wire, clients.device) for wire in results]
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
@@ -265,15 +271,8 @@ class RayEngine(AbstractEngine):
         for a in getattr(self, "actors", []):
             ray.kill(a, no_restart=True)
         self.actors = []
-        if self._owns_cluster or _connected_as_client(ray):
+        if getattr(self, "_started_here", False):  # a private instance stops; a joined cluster is only left
             ray.shutdown()
-
-
-def _connected_as_client(ray) -> bool:
-    try:
-        return ray.util.client.ray.is_connected()
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def _check_reachable(address: str) -> None:
