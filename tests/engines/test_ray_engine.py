@@ -159,7 +159,7 @@ def test_missing_ray_extra_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_vmap_and_ray_on_gpu_match_cpu():
+def test_vmap_ray_and_flower_on_gpu_match_cpu():
     raw = copy.deepcopy(FEDERATED["fedmbo"])
     cpu = metrics(raw, "vmap")
     raw["device"] = "cuda"
@@ -171,3 +171,13 @@ def test_vmap_and_ray_on_gpu_match_cpu():
     print(f"GPU timings: vmap {t1 - t0:.2f} s, ray (2 actors, 0.5 GPU each) {t2 - t1:.2f} s")
     assert float(np.abs(cpu.to_numpy() - gpu_vmap.to_numpy()).max()) <= 1e-10
     assert float(np.abs(gpu_vmap.to_numpy() - gpu_ray.to_numpy()).max()) <= 1e-10
+    try:
+        import flwr  # noqa: F401
+    except ImportError:
+        return  # the flower extra is not installed
+    ray.shutdown()  # Flower's backend shuts Ray down when it ends: give it its own, restore the module's after
+    try:
+        gpu_flower = metrics(raw, "flower", actors=2, num_gpus=0.5)
+    finally:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    assert float(np.abs(gpu_vmap.to_numpy() - gpu_flower.to_numpy()).max()) <= 1e-10
