@@ -77,6 +77,9 @@ from fedopt.config import load_config
 from fedopt.registry import ENGINES
 from fedopt.runner import Server, build, simulate
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_fedmbo import busy_cores  # noqa: E402
+
 N_CLIENTS = 1000
 M = 100
 K = 10
@@ -280,21 +283,6 @@ def print_profile(p: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
-
-def busy_cores(seconds: float = 1.0) -> float | None:
-    """CPU cores kept busy by *other* processes (this one sleeps meanwhile), from ``/proc/stat``."""
-    def snap() -> tuple[int, int]:
-        with open("/proc/stat") as fh:
-            v = [int(t) for t in fh.readline().split()[1:]]
-        return sum(v), v[3] + v[4]
-    try:
-        t0, i0 = snap()
-        time.sleep(seconds)
-        t1, i1 = snap()
-    except (OSError, ValueError, IndexError):
-        return None
-    return (1 - (i1 - i0) / max(t1 - t0, 1)) * (os.cpu_count() or 1)
-
 
 def machine_info(default_threads: int) -> dict[str, Any]:
     cpu = platform.processor()
