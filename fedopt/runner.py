@@ -94,19 +94,25 @@ def sample_clients(k: np.ndarray, num_clients: int, m: int, replace: bool) -> np
     u = rnd.uniform_host(k, m if replace else num_clients)
     if replace:
         return np.minimum((u * num_clients).astype(np.int64), num_clients - 1)
+    if m < num_clients:  # the m smallest in O(N), then sorted: the stable argsort's first m
+        part = np.argpartition(u, m - 1)[:m]
+        if np.count_nonzero(u <= u[part].max()) == m:  # (a tie across the cut: take the argsort)
+            return part[np.lexsort((part, u[part]))].astype(np.int64)
     return np.argsort(u, kind="stable")[:m].astype(np.int64)
 
 
 def client_keys(stream: np.ndarray, comm_round: int, clients: np.ndarray, *, distinct: bool = False) -> np.ndarray:
     """One key per cohort member, from (client stream, round, client id, occurrence in cohort).
     ``distinct=True`` promises no repeated ids (sampling without replacement), skipping the scan."""
+    per_client = rnd.fold_in_host(rnd.fold_in_host(stream, comm_round), clients)
+    if distinct or len(set(clients.tolist())) == len(clients):
+        return rnd.fold_in_host(per_client, 0)  # every occurrence is the first
     occurrence = np.zeros_like(clients)
-    if not distinct and len(set(clients.tolist())) < len(clients):
-        seen: dict[int, int] = {}
-        for j, c in enumerate(clients.tolist()):
-            occurrence[j] = seen.get(c, 0)
-            seen[c] = occurrence[j] + 1
-    return rnd.fold_in_host(rnd.fold_in_host(rnd.fold_in_host(stream, comm_round), clients), occurrence)
+    seen: dict[int, int] = {}
+    for j, c in enumerate(clients.tolist()):
+        occurrence[j] = seen.get(c, 0)
+        seen[c] = occurrence[j] + 1
+    return rnd.fold_in_host(per_client, occurrence)
 
 
 def _finite(metrics: dict[str, float], *tensors: torch.Tensor) -> bool:

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -52,3 +54,88 @@ def test_distributions(seed):
 def test_permutation_is_a_permutation():
     p = rnd.permutation(rnd.key(5), 100)
     assert sorted(p.tolist()) == list(range(100))
+
+
+@pytest.fixture
+def torch_only(monkeypatch):
+    """Evaluate a function with the torch ops only (the specification), not the host fast path."""
+
+    def run(fn, *args):
+        monkeypatch.setattr(rnd, "HOST_FAST_PATH", False)
+        try:
+            return fn(*args)
+        finally:
+            monkeypatch.setattr(rnd, "HOST_FAST_PATH", True)
+
+    return run
+
+
+def _draws(ks, highs):
+    return {
+        "fold_int": rnd.fold_in(ks, 7), "fold_neg": rnd.fold_in(ks, -3), "fold_big": rnd.fold_in(ks, 2**62 + 5),
+        "fold_tensor": rnd.fold_in(ks, torch.arange(3).reshape((3,) + (1,) * ks.dim()) if ks.dim() else torch.arange(3)),
+        "randint": rnd.randint(ks, highs, (4, 3)), "randint_scalar_high": rnd.randint(ks, 1000, (9,)),
+        "uniform": rnd.uniform(ks, (2, 5)), "uniform32": rnd.uniform(ks, (3,), torch.float32),
+        "normal": rnd.normal(ks, (6,)), "permutation": rnd.permutation(ks, 12),
+    }
+
+
+@pytest.mark.parametrize("shape", [(), (5,), (2, 3)])
+def test_host_fast_path_is_bit_identical_to_the_torch_ops(shape, torch_only):
+    ks = rnd.fold_in(rnd.key(4), torch.arange(math.prod(shape)).reshape(shape))
+    highs = (torch.arange(math.prod(shape)) * 7 + 1).reshape(shape)
+    fast, spec = _draws(ks, highs), torch_only(_draws, ks, highs)
+    for name in spec:
+        assert fast[name].shape == spec[name].shape and fast[name].dtype == spec[name].dtype, name
+        assert torch.equal(fast[name], spec[name]), name
+
+
+def test_host_fast_path_under_vmap_is_bit_identical(torch_only):
+    ks = rnd.fold_in(rnd.key(9), torch.arange(24))
+    highs = torch.arange(24) + 1
+
+    def draw(k, h):
+        return (rnd.randint(rnd.fold_in(k, 1), h, (5,)), rnd.normal(rnd.fold_in(k, 2), (3,)),
+                rnd.fold_in(k, torch.arange(4)), rnd.randint(k, 50, (2,)), rnd.uniform(k, (2, 2)))
+
+    cases = {
+        "vmap": lambda: vmap(draw)(ks, highs),
+        "in_dims=1": lambda: vmap(draw, in_dims=(1, 1))(ks.reshape(4, 6), highs.reshape(4, 6)),
+        "unbatched key": lambda: vmap(draw, in_dims=(None, 0))(ks[0], highs),
+        "unbatched bound": lambda: vmap(draw, in_dims=(0, None))(ks, highs[3]),
+        "nested": lambda: vmap(vmap(draw))(ks.reshape(4, 6), highs.reshape(4, 6)),
+        "nested, inner unbatched key": lambda: vmap(vmap(draw, in_dims=(None, 0)), in_dims=(0, None))(ks[:4], highs[:6]),
+        "chunked": lambda: vmap(draw, chunk_size=5)(ks, highs),
+    }
+    for name, case in cases.items():
+        fast, spec = case(), torch_only(case)
+        for a, b in zip(fast, spec, strict=True):
+            assert a.shape == b.shape and torch.equal(a, b), name
+
+
+def test_host_key_derivation_and_cohort_sampling_match_their_plain_definitions():
+    from fedopt.runner import client_keys, sample_clients
+
+    stream = rnd.fold_in_host(rnd.key_host(3), 2)
+    for r in (0, 1, 77):
+        ids = np.array([5, 0, 999, 5, 12, 5], dtype=np.int64)  # repeated ids: occurrences 0, 1, 2
+        occurrence = np.array([0, 0, 0, 1, 0, 2])
+        spec = rnd.fold_in(rnd.fold_in(rnd.fold_in(torch.from_numpy(stream), r), torch.from_numpy(ids)),
+                           torch.from_numpy(occurrence))
+        assert np.array_equal(client_keys(stream, r, ids), spec.numpy())
+        distinct = ids[[0, 1, 2, 4]]
+        assert np.array_equal(client_keys(stream, r, distinct, distinct=True), client_keys(stream, r, distinct))
+    for n, m in ((1000, 10), (1000, 500), (50, 49), (50, 50), (7, 1)):
+        for r in range(5):
+            k = rnd.fold_in_host(stream, r)
+            assert np.array_equal(sample_clients(k, n, m, False),
+                                  np.argsort(rnd.uniform_host(k, n), kind="stable")[:m])
+
+
+def test_sampling_breaks_ties_at_the_cut_like_the_stable_argsort(monkeypatch):
+    from fedopt import runner
+
+    u = np.array([0.5, 0.1, 0.3, 0.1, 0.3, 0.9, 0.3])
+    monkeypatch.setattr(runner.rnd, "uniform_host", lambda k, n: u[:n])
+    for m in range(1, 7):  # m = 3, 4 cut through the tied 0.3s
+        assert np.array_equal(runner.sample_clients(np.zeros(1), 7, m, False), np.argsort(u, kind="stable")[:m])
