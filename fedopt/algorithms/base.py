@@ -96,6 +96,8 @@ class Replies:
 
     def mean(self) -> Any:
         """The server's uniform average of the replies."""
+        if isinstance(self.values, torch.Tensor):
+            return self.values.mean(0)
         return tree_map(lambda t: t.mean(0), self.values)
 
 
@@ -177,4 +179,8 @@ class DecentralizedAlgorithm:
 
 def numel(tree: Any) -> int:
     """Number of floats in a pytree of tensors (``None`` counts zero)."""
+    if isinstance(tree, torch.Tensor):  # the common cases first, without pytree flattening
+        return tree.numel()
+    if type(tree) is tuple and all(type(t) is torch.Tensor for t in tree):
+        return sum(t.numel() for t in tree)
     return sum(t.numel() for t in tree_leaves(tree) if isinstance(t, torch.Tensor))
