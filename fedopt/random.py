@@ -14,6 +14,12 @@ number generators", OOPSLA 2014), evaluated with wrapping int64 arithmetic. Stre
 JAX-style with :func:`fold_in`. The numbers are good enough for simulation noise and minibatch
 indices; they are not meant for cryptography.
 
+The torch ops below are the specification. On CPU the same integer arithmetic runs in numpy
+(``_on_host``): for one key with Python ints, for a batch of keys as one numpy call, and under
+``vmap`` by unwrapping the batched keys so a whole cohort's draws are one call rather than about
+fifteen batched tensor ops. The results are bit-identical (tested against the torch ops, also
+under nested and chunked ``vmap``); ``HOST_FAST_PATH = False`` turns the fast path off.
+
 Example:
     >>> k = key(0)
     >>> u = uniform(fold_in(k, 3), (4,), dtype=torch.float64)
