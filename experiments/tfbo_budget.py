@@ -3,8 +3,10 @@ r"""How the iterations TFBO needs to reach ||grad Phi||^2 <= 1e-8 grow as the in
 F6 fixes the budget and reports the final error. This script measures the inverse: on F6's noise-free
 quadratic (``experiments/configs/tfbo_quadratic.toml``, one client, float64; accumulators
 alpha0 = beta0 = gamma0 = 1/s), the first outer iteration at which ``||grad Phi(x_k)||^2 <= 1e-8``,
-measured on a grid of budget/400 iterations. It then fits the exponent p of ``iterations ~ s^-p`` over
-the steps below 1.
+measured on a grid of 1/400 of the expected count (below). Each run stops there (``simulate``'s
+``stop_when``), so ``comm_rounds`` are the rounds it took; the budget, three times the expected
+count, only caps a run that never gets there. It then fits the exponent p of ``iterations ~ s^-p``
+over the steps below 1.
 
 Expectation: accumulators only grow, so the x-step never exceeds its start. For D-TFBO that is s; for
 S-TFBO it is 1/(alpha * max(beta, gamma)), about s^2. Phi's slowest mode (curvature >= 0.1)
@@ -13,14 +15,13 @@ ln(0.45 / 1e-8) / (0.2 * x-step), which is not a bound: only part of the initial
 slowest mode. It predicts p = 1 for D-TFBO and p = 2 for S-TFBO, which puts s = 1e-3 at about 1e5
 and 1e8 iterations.
 
-Only steps whose runs fit in minutes are measured by default: D-TFBO's inner loops also step at most
-s, so each of its iterations costs more as s falls. ``--only METHOD:S ...`` measures the listed runs
-and merges them into the JSON (a row of the same method and step is replaced), which is how the
-long runs (D-TFBO down to s = 1e-3, S-TFBO at s = 0.01) were added. Their budgets come from the
-measured law: 1.5 times the iterations that the fit over the measured steps below 1 predicts
-(the step-bound estimate overshoots, and three times it would be days at s = 1e-3).
+The expected count is the step-bound estimate for the default steps, s = 10 ... 0.01. Smaller steps
+are measured with ``--only METHOD:S ...``, which runs only those and merges them into the JSON (a
+row of the same method and step is replaced); their expected count is the power law fitted to the
+steps already measured. Only runs that fit in minutes are in the default: D-TFBO's inner loops also
+step at most s, so each of its iterations costs more as s falls.
 
-Run: ``python experiments/tfbo_budget.py`` (about 6 minutes on 2 cores). Results go to
+Run: ``python experiments/tfbo_budget.py`` (about 12 minutes on 2 cores). Results go to
 ``docs/figures/F6_budget.json``, and a Markdown table is printed.
 """
 
@@ -35,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-import fedopt
-from fedopt.config import load_config
+from fedopt.config import load_config, parse_config
+from fedopt.runner import build, simulate
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "experiments" / "configs" / "tfbo_quadratic.toml"
@@ -45,8 +46,8 @@ TOL = 1e-8
 
 # method -> (algorithm, extra parameters, steps measured, exponent p of the x-step bound)
 METHODS = {
-    "D-TFBO": ("d_tfbo", {"tolerance": 1e-12, "max_inner": 2000}, [10.0, 1.0, 0.3, 0.1], 1),
-    "S-TFBO": ("s_tfbo", {}, [10.0, 1.0, 0.3, 0.1, 0.03], 2),
+    "D-TFBO": ("d_tfbo", {"tolerance": 1e-12, "max_inner": 2000}, [10.0, 1.0, 0.3, 0.1, 0.03, 0.01], 1),
+    "S-TFBO": ("s_tfbo", {}, [10.0, 1.0, 0.3, 0.1, 0.03, 0.01], 2),
 }
 
 
@@ -55,20 +56,21 @@ def predicted(p: int, s: float) -> float:
     return math.log(0.45 / TOL) / (0.2 * min(s, 1.0) ** p)
 
 
-def fitted_budget(rows: list[dict], method: str, s: float) -> int | None:
-    """1.5 x the iterations the power law fitted to ``method``'s measured steps below 1 predicts."""
+def fitted(rows: list[dict], method: str, s: float) -> float | None:
+    """The iterations the power law fitted to ``method``'s measured steps below 1 predicts at ``s``."""
     pts = [(r["s"], r["iterations_to_tol"]) for r in rows
            if r["method"] == method and r["s"] < 1 and r["iterations_to_tol"] and r["s"] != s]
     if len(pts) < 2:
         return None
     slope, icpt = np.polyfit(np.log([a for a, _ in pts]), np.log([k for _, k in pts]), 1)
-    return int(1.5 * math.exp(icpt + slope * math.log(s)))
+    return math.exp(icpt + slope * math.log(s))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="+", metavar="METHOD:S", default=None,
                     help="measure only these runs (e.g. D-TFBO:0.001 S-TFBO:0.01) and merge them into the JSON")
+    ap.add_argument("--out", type=Path, default=OUT, help=f"the JSON to write (default {OUT.relative_to(REPO)})")
     args = ap.parse_args(argv)
     base = load_config(CONFIG).to_dict()
     old_rows = json.loads(OUT.read_text())["rows"] if (args.only and OUT.exists()) else []
@@ -84,23 +86,25 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for method, s in todo:
         alg, extra, _, p = METHODS[method]
-        budget = fitted_budget(old_rows, method, s) if args.only else None
-        budget = int(max(3 * predicted(p, s), 2000)) if budget is None else max(budget, 2000)
-        every = max(1, budget // 400)
-        budget = every * math.ceil(budget / every)
+        expected = (fitted(old_rows, method, s) if args.only else None) or predicted(p, s)
+        every = max(1, int(expected) // 400)
+        budget = every * math.ceil(max(3 * expected, 2000) / every)
         raw = copy.deepcopy(base)
         raw.update(rounds=budget, eval_every=every)
         raw["algorithm"] = {"name": alg, "params": {"alpha0": 1 / s, "beta0": 1 / s, "gamma0": 1 / s, **extra}}
         t0 = time.perf_counter()
-        df = fedopt.run(raw)
+        b = build(parse_config(raw))
+        result = simulate(b.problem, b.algorithm, b.engine, rounds=budget, seed=raw["seed"], eval_every=every,
+                          stop_when=lambda m: m["hypergrad_norm_sq"] <= TOL)
         wall = time.perf_counter() - t0
-        h = df[df.metric == "hypergrad_norm_sq"].sort_values("round")
-        hit = h[h.value <= TOL]
-        row = {"method": method, "s": s, "predicted_iterations": round(predicted(p, s)), "budget": budget,
-               "measured_every": every, "status": df.attrs["status"],
-               "iterations_to_tol": int(hit["round"].iloc[0]) if len(hit) else None,
-               "final_hypergrad_norm_sq": float(h.value.iloc[-1]),
-               "comm_rounds": int(df[df.metric == "comm_rounds"].value.max()), "wall_s": round(wall, 1)}
+        k_last, _, _, h_last = [r for r in result.records if r[2] == "hypergrad_norm_sq"][-1]
+        reached = h_last <= TOL
+        row = {"method": method, "s": s, "predicted_iterations": round(predicted(p, s)),
+               "expected_iterations": round(expected), "budget": budget,
+               "measured_every": every, "status": result.status,
+               "iterations_to_tol": int(k_last) if reached else None,
+               "final_hypergrad_norm_sq": float(h_last),
+               "comm_rounds": int(result.counters.comm_rounds), "wall_s": round(wall, 1)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.only:  # merge: replace the rows measured again, keep the others, in (method, -s) order
@@ -114,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         if len(pts) >= 2:
             slope = np.polyfit(np.log([s for s, _ in pts]), np.log([k for _, k in pts]), 1)[0]
             fits[method] = {"exponent_p": float(-slope), "steps": [s for s, _ in pts]}
-    OUT.write_text(json.dumps({"tolerance": TOL, "config": str(CONFIG.relative_to(REPO)), "rows": rows,
-                               "fits": fits}, indent=1))
+    args.out.write_text(json.dumps({"tolerance": TOL, "config": str(CONFIG.relative_to(REPO)), "rows": rows,
+                                    "fits": fits}, indent=1))
     print("\n| method | s | iterations to 1e-8 | step-bound estimate | oracle rounds | wall |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:

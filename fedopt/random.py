@@ -102,7 +102,7 @@ def fold_in(k: torch.Tensor, data: int | torch.Tensor) -> torch.Tensor:
             return out
     d = torch.as_tensor(data, dtype=torch.int64, device=k.device)
     if isinstance(data, torch.Tensor):
-        out = _on_host(lambda kn, dn: _mix_host(kn ^ _mix_host(dn * _U(0x9E3779B97F4A7C15) + _U(1))), k, d)
+        out = _on_host(lambda kn, dn: _mix_host(kn ^ _mix_host(dn * _GOLDEN_U + _U(1))), k, d)
         if out is not None:
             return out
     return _mix(k ^ _mix(d * _GOLDEN + 1))
@@ -187,7 +187,7 @@ def _on_host(kernel, *args: torch.Tensor) -> torch.Tensor | None:
 
 def key_host(seed: int) -> np.ndarray:
     """:func:`key` computed on the host: an int64 array of shape ``[1]``."""
-    return _mix_host(_as_u64(seed) + _U(0x9E3779B97F4A7C15)).view(np.int64)
+    return _mix_host(_as_u64(seed) + _GOLDEN_U).view(np.int64)
 
 
 def fold_in_host(k: int | np.ndarray | torch.Tensor, data: int | np.ndarray | torch.Tensor) -> np.ndarray:
@@ -228,15 +228,8 @@ def _bits_host(kn: np.ndarray, n: int) -> np.ndarray:
     """:func:`_bits` on numpy uint64 (bit-identical): ``kn.shape + (n,)`` mixed counters."""
     c = _HOST_COUNTERS.get(n)
     if c is None:
-        c = _HOST_COUNTERS[n] = np.arange(1, n + 1, dtype=np.uint64) * _U(0x9E3779B97F4A7C15)
-    z = kn[..., None] + c
-    # _mix_host in place: one buffer instead of eight temporaries
-    z ^= z >> _U(30)
-    z *= _U(0xBF58476D1CE4E5B9)
-    z ^= z >> _U(27)
-    z *= _U(0x94D049BB133111EB)
-    z ^= z >> _U(31)
-    return z
+        c = _HOST_COUNTERS[n] = np.arange(1, n + 1, dtype=np.uint64) * _GOLDEN_U
+    return _mix_host(kn[..., None] + c)
 
 
 def _uniform_host(kn: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

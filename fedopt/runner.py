@@ -124,8 +124,10 @@ class _Evaluations:
     non-finite state), appends long-format records, and detects divergence."""
 
     def __init__(self, rounds: int, eval_every: int, counters: Counters,
-                 on_iterate: Callable[[int], None] | None) -> None:
+                 on_iterate: Callable[[int], None] | None,
+                 stop_when: Callable[[dict[str, float]], bool] | None = None) -> None:
         self.rounds, self.eval_every, self.counters, self.on_iterate = rounds, eval_every, counters, on_iterate
+        self.stop_when = stop_when
         self.records: list[tuple[int, int, str, float]] = []
         self.status, self.diverged_round = "finished", None
 
@@ -137,6 +139,8 @@ class _Evaluations:
             self.records += [(k, self.counters.comm_rounds, name, v) for name, v in values.items()]
             if not finite or not _finite(values):
                 self.status, self.diverged_round = "diverged", k
+                return True
+            if self.stop_when is not None and self.stop_when(values):
                 return True
         if self.on_iterate is not None:
             self.on_iterate(k)
@@ -194,10 +198,15 @@ def simulate(
     seed: int,
     eval_every: int = 1,
     on_iterate: Callable[[int], None] | None = None,
+    stop_when: Callable[[dict[str, float]], bool] | None = None,
 ) -> RunResult:
-    """Run ``algorithm`` for ``rounds`` outer iterations and measure every ``eval_every``."""
+    """Run ``algorithm`` for ``rounds`` outer iterations and measure every ``eval_every``.
+
+    ``stop_when(metrics)`` is asked after every measurement; True ends the run there (status
+    ``"finished"``, the last records are that iteration's): e.g. iterations to a tolerance,
+    ``stop_when=lambda m: m["hypergrad_norm_sq"] <= 1e-8``."""
     server = Server(problem, engine, seed)
-    evals = _Evaluations(rounds, eval_every, server.counters, on_iterate)
+    evals = _Evaluations(rounds, eval_every, server.counters, on_iterate, stop_when)
     x, y = problem.init()
     program = algorithm.program(problem, x, y, rounds, server.server_key)
     try:

@@ -227,3 +227,18 @@ def test_bad_tuning_free_parameters_are_one_line_and_exit_2(tmp_path, capsys, al
 def test_tuning_free_fedmbo_and_ma_dsbo_reject_non_positive_initial_steps(make):
     with pytest.raises(ConfigError, match=r"must be > 0"):
         build(load_config(make(0.0, "tuning_free")))
+
+
+def test_stop_when_ends_the_run_at_the_first_measurement_that_meets_it():
+    """``simulate(stop_when=...)``, which ``experiments/tfbo_budget.py`` uses to run to 1e-8: the
+    stopped run's records are the full run's up to the first crossing, and nothing after it."""
+    raw = central("s_tfbo", tf(0.3), rounds=1500, eval_every=10)
+    b = built(raw)
+    full = simulate(b.problem, b.algorithm, b.engine, rounds=1500, seed=0, eval_every=10)
+    hit = min(k for k, _, name, v in full.records if name == "hypergrad_norm_sq" and v <= 1e-8)
+    assert 0 < hit < 1500
+    stopped = simulate(b.problem, b.algorithm, b.engine, rounds=1500, seed=0, eval_every=10,
+                       stop_when=lambda m: m["hypergrad_norm_sq"] <= 1e-8)
+    assert stopped.status == "finished"
+    assert stopped.records == [r for r in full.records if r[0] <= hit]
+    assert stopped.counters.comm_rounds == max(c for k, c, _, _ in full.records if k == hit)
