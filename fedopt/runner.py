@@ -247,13 +247,15 @@ def simulate_decentralized(
     seed: int,
     eval_every: int = 1,
     on_iterate: Callable[[int], None] | None = None,
+    stop_when: Callable[[dict[str, float]], bool] | None = None,
 ) -> RunResult:
     """Run a decentralized algorithm on ``network`` (its nodes are the problem's clients).
 
     Node steps run every node through the engine (node ``i``'s minibatch key from (seed, step, i));
     gossip round ``t`` mixes with the network's ``W_t``. Metrics at each evaluation: the problem's
     metrics at the network averages :math:`(\bar x, \bar y)` and ``consensus_<v>`` =
-    (1/n) sum_i ||v_i - v_bar||^2 for every variable the program reports."""
+    (1/n) sum_i ||v_i - v_bar||^2 for every variable the program reports. ``stop_when`` as in
+    :func:`simulate`."""
     n = network.n
     check(n == problem.num_clients, f"the topology has {n} nodes but the problem has {problem.num_clients} clients")
     device = problem.device
@@ -263,7 +265,7 @@ def simulate_decentralized(
     nodes_np = np.arange(n, dtype=np.int64)
     nodes = torch.as_tensor(nodes_np, device=device)
     counters = Counters(decentralized=True)
-    evals = _Evaluations(rounds, eval_every, counters, on_iterate)
+    evals = _Evaluations(rounds, eval_every, counters, on_iterate, stop_when)
     steps = 0
     x0, y0 = problem.init()
     program: NodeProgram = algorithm.program(problem, x0, y0, rounds, server_key, n)
