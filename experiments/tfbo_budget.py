@@ -70,6 +70,18 @@ def fitted(rows: list[dict], method: str, s: float) -> float | None:
     return math.exp(icpt + slope * math.log(s))
 
 
+def fit_exponents(rows: list[dict]) -> dict[str, dict]:
+    """Per method, the exponent p of ``iterations ~ s^-p`` fitted over the measured steps below 1."""
+    fits = {}
+    for method in METHODS:
+        pts = [(r["s"], r["iterations_to_tol"]) for r in rows
+               if r["method"] == method and r["s"] < 1 and r["iterations_to_tol"]]
+        if len(pts) >= 2:
+            slope = np.polyfit(np.log([s for s, _ in pts]), np.log([k for _, k in pts]), 1)[0]
+            fits[method] = {"exponent_p": float(-slope), "steps": [s for s, _ in pts]}
+    return fits
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="+", metavar="METHOD:S", default=None,
@@ -129,13 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         fresh = {(r["method"], r["s"]) for r in rows}
         rows = [r for r in old_rows if (r["method"], r["s"]) not in fresh] + rows
         rows.sort(key=lambda r: (list(METHODS).index(r["method"]), -r["s"]))
-    fits = {}
-    for method in METHODS:
-        pts = [(r["s"], r["iterations_to_tol"]) for r in rows
-               if r["method"] == method and r["s"] < 1 and r["iterations_to_tol"]]
-        if len(pts) >= 2:
-            slope = np.polyfit(np.log([s for s, _ in pts]), np.log([k for _, k in pts]), 1)[0]
-            fits[method] = {"exponent_p": float(-slope), "steps": [s for s, _ in pts]}
+    fits = fit_exponents(rows)
     args.out.write_text(json.dumps({"tolerance": TOL, "config": str(CONFIG.relative_to(REPO)), "rows": rows,
                                     "fits": fits}, indent=1))
     print("\n| method | s | iterations to 1e-8 | step-bound estimate | oracle rounds | wall |")

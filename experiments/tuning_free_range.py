@@ -73,34 +73,39 @@ def run(raw: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=2000, help="outer iterations per run (default 2000)")
+    ap.add_argument("--steps", type=float, nargs="+", default=STEPS, metavar="S",
+                    help=f"initial steps s (default {' '.join(f'{s:g}' for s in STEPS)})")
     ap.add_argument("--out", type=Path, default=OUT, help=f"the JSON to write (default {OUT.relative_to(REPO)})")
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error(f"--rounds must be >= 1, got {args.rounds}")
+    if min(args.steps) <= 0:
+        ap.error(f"--steps must be > 0, got {args.steps}")
+    steps_s = args.steps
     rows = []
     for method, (_, tuned, _, _, _) in METHODS.items():
         runs = [("tuned", None, tuned, "fixed")]
-        runs += [(rule, s, (s, s, s), rule) for rule in ("tuning_free", "fixed") for s in STEPS]
+        runs += [(rule, s, (s, s, s), rule) for rule in ("tuning_free", "fixed") for s in steps_s]
         for label, s, steps, rule in runs:
             row = {"method": method, "rule": label, "s": s, "steps": list(steps), "rounds": args.rounds,
                    **run(config(method, steps, rule, args.rounds))}
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
-    args.out.write_text(json.dumps({"rounds": args.rounds, "rows": rows}, indent=1))
+    args.out.write_text(json.dumps({"rounds": args.rounds, "steps": steps_s, "rows": rows}, indent=1))
 
     def cell(r: dict) -> str:
         return "diverges" if r["status"] != "finished" else f"{r['final_hypergrad_norm_sq']:.1e}"
 
     print(f"\nFinal ||grad Phi||^2 after {args.rounds:,} outer iterations")
-    print("\n| method | steps | " + " | ".join(f"s = {s:g}" for s in STEPS) + " |")
-    print("|---|---|" + "---:|" * len(STEPS))
+    print("\n| method | steps | " + " | ".join(f"s = {s:g}" for s in steps_s) + " |")
+    print("|---|---|" + "---:|" * len(steps_s))
     for method in METHODS:
         mine = [r for r in rows if r["method"] == method]
         tuned = next(r for r in mine if r["rule"] == "tuned")
         for rule in ("tuning_free", "fixed"):
-            cells = [cell(next(r for r in mine if r["rule"] == rule and r["s"] == s)) for s in STEPS]
+            cells = [cell(next(r for r in mine if r["rule"] == rule and r["s"] == s)) for s in steps_s]
             print(f"| {method} | {rule.replace('_', '-')} | " + " | ".join(cells) + " |")
-        print(f"| {method} | hand-tuned {tuple(tuned['steps'])} | {cell(tuned)} (any s) |" + " |" * (len(STEPS) - 1))
+        print(f"| {method} | hand-tuned {tuple(tuned['steps'])} | {cell(tuned)} (any s) |" + " |" * (len(steps_s) - 1))
     return 0
 
 
