@@ -110,6 +110,13 @@ class _Measure:
         return False
 
 
+def _start(problem: QuadraticBilevel, K: int, eval_every: int, tol: float | None):
+    """The data, an empty run, its measurement schedule and the starting point x = y = v = 0."""
+    q = _Quadratic(problem)
+    run = KernelRun()
+    return q, run, _Measure(q, run, K, eval_every, tol), (np.zeros(q.x_dim), np.zeros(q.y_dim), np.zeros(q.y_dim))
+
+
 def s_tfbo_quadratic(
     problem: QuadraticBilevel,
     K: int,
@@ -131,12 +138,9 @@ def s_tfbo_quadratic(
 
     all directions at the current point; one round per iteration. Stops early at the first
     measurement with :math:`\|\nabla\Phi\|^2 \le` ``tol``."""
-    q = _Quadratic(problem)
+    q, run, measure, (x, y, v) = _start(problem, K, eval_every, tol)
     H, J, Jt, c, d = q.H, q.J, q.Jt, q.c, q.d
-    x, y, v = np.zeros(q.x_dim), np.zeros(q.y_dim), np.zeros(q.y_dim)
     A, B, G = alpha0**2, beta0**2, gamma0**2
-    run = KernelRun()
-    measure = _Measure(q, run, K, eval_every, tol)
     if not measure.stop(0, A + B + G, x, y, v):
         for k in range(1, K + 1):
             g_y = H @ y - (J @ x + c)
@@ -155,6 +159,23 @@ def s_tfbo_quadratic(
                 break
     run.x, run.y, run.v = x, y, v
     return run
+
+
+def _tolerance_loop(H: np.ndarray, u: np.ndarray, b: np.ndarray, acc: float, tolerance: float, max_inner: int,
+                    run: KernelRun) -> tuple[np.ndarray, float]:
+    r"""A D-TFBO inner loop on :math:`\tfrac12 u^\top H u - b^\top u`: while
+    :math:`\|d\|^2 = \|Hu - b\|^2 >` ``tolerance``, :math:`c^2 \mathrel{+}= \|d\|^2,\ u \leftarrow u - d/c`
+    (at most ``max_inner`` gradients, each one round). Returns the new ``u`` and :math:`c^2`."""
+    for _ in range(max_inner):
+        d = H @ u - b
+        run.comm_rounds += 1
+        sq = float(d @ d)
+        if sq <= tolerance:
+            return u, acc
+        acc += sq
+        u = u - d * (1.0 / math.sqrt(acc))
+    run.capped_inner_loops += 1
+    return u, acc
 
 
 def d_tfbo_quadratic(
@@ -185,38 +206,16 @@ def d_tfbo_quadratic(
     must be given (the generic default 1/K needs K up front; pass it explicitly)."""
     check(tolerance > 0, f"tolerance must be > 0, got {tolerance}")
     check(max_inner >= 1, f"max_inner must be >= 1, got {max_inner}")
-    q = _Quadratic(problem)
+    q, run, measure, (x, y, v) = _start(problem, K, eval_every, tol)
     H, J, Jt, c, d = q.H, q.J, q.Jt, q.c, q.d
-    x, y, v = np.zeros(q.x_dim), np.zeros(q.y_dim), np.zeros(q.y_dim)
     A, B, G = alpha0**2, beta0**2, gamma0**2
-    run = KernelRun()
-    measure = _Measure(q, run, K, eval_every, tol)
     if not measure.stop(0, A + B + G, x, y, v):
         for k in range(1, K + 1):
             if accumulators == "cold":
                 B, G = beta0**2, gamma0**2
-            b = J @ x + c  # (a) lower level: grad_y g = H y - b
-            for _ in range(max_inner):
-                g_y = H @ y - b
-                run.comm_rounds += 1
-                sq = float(g_y @ g_y)
-                if sq <= tolerance:
-                    break
-                B += sq
-                y = y - g_y * (1.0 / math.sqrt(B))
-            else:
-                run.capped_inner_loops += 1
-            f_y = y - d  # (b) linear system: grad_v R = H v - grad_y f
-            for _ in range(max_inner):
-                g_v = H @ v - f_y
-                run.comm_rounds += 1
-                sq = float(g_v @ g_v)
-                if sq <= tolerance:
-                    break
-                G += sq
-                v = v - g_v * (1.0 / math.sqrt(G))
-            else:
-                run.capped_inner_loops += 1
+            # (a) lower level, grad_y g = H y - (J x + c); (b) linear system, grad_v R = H v - (y - d)
+            y, B = _tolerance_loop(H, y, J @ x + c, B, tolerance, max_inner, run)
+            v, G = _tolerance_loop(H, v, y - d, G, tolerance, max_inner, run)
             h = q.grad_x_f(x) + Jt @ v  # (c) upper level
             run.comm_rounds += 1
             A += float(h @ h)
