@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernel", choices=["generic", "numpy"], default="generic",
                     help="generic: the library's programs under simulate (default); numpy: the same methods "
                          "transcribed for the quadratic (fedopt.algorithms.centralized.quadratic_kernels), "
-                         "about 50x faster, for the steps whose runs take 10^8 rounds")
+                         "25-50x faster, for the steps whose runs take 10^8 rounds")
     args = ap.parse_args(argv)
     base = load_config(CONFIG).to_dict()
     old_rows = json.loads(OUT.read_text())["rows"] if (args.only and OUT.exists()) else []

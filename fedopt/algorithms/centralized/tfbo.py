@@ -17,7 +17,7 @@ grow as :math:`s^{-1}` and :math:`s^{-2}`, and from :math:`s = 10^{-3}` D-TFBO n
 iterations (8.2e7 rounds) and S-TFBO 6.9e7 iterations. On F6's fixed budget (``fedopt reproduce F6``)
 a fixed-step SOBA with the same small :math:`s` gets further than S-TFBO. The runs from
 :math:`s \le 3\cdot 10^{-3}` use the numpy transcriptions of
-:mod:`fedopt.algorithms.centralized.quadratic_kernels` (the same iterations, about 50x faster).
+:mod:`fedopt.algorithms.centralized.quadratic_kernels` (the same iterations, 25-50x faster).
 
 Tuning-free steps (Yang, Ban, Huang, Ma and Ji, "Tuning-Free Bilevel Optimization: New Algorithms
 and Convergence Analysis", ICLR 2025, arXiv:2410.05140; ``papers/tfbo.md`` §2.1): for a variable
