@@ -45,8 +45,8 @@ from fedopt.network import Network, build_network
 from fedopt.problems.base import AbstractBilevelProblem, ProblemContext
 from fedopt.registry import ALGORITHMS, DATASETS, ENGINES, PARTITIONERS, PROBLEMS
 
-__all__ = ["Built", "Counters", "RunResult", "Server", "build", "client_keys", "execute", "records_frame", "sample_clients", "simulate",
-           "simulate_decentralized"]
+__all__ = ["Built", "Counters", "RunResult", "Server", "build", "client_keys", "cohort_keys", "execute", "records_frame",
+           "sample_clients", "sample_cohorts", "simulate", "simulate_decentralized"]
 
 _SAMPLE, _CLIENT, _SERVER = 1, 2, 3
 
@@ -99,6 +99,36 @@ def sample_clients(k: np.ndarray, num_clients: int, m: int, replace: bool) -> np
         if np.count_nonzero(u <= u[part].max()) == m:  # (a tie across the cut: take the argsort)
             return part[np.lexsort((part, u[part]))].astype(np.int64)
     return np.argsort(u, kind="stable")[:m].astype(np.int64)
+
+
+def _smallest(u: np.ndarray, m: int) -> np.ndarray:
+    """Row by row, the indices of the ``m`` smallest entries of ``u`` ``[R, N]`` in stable-argsort
+    order (ties by index): O(N) per row by ``argpartition``, with the full sort only for a row that
+    has a tie across the cut."""
+    if m >= u.shape[1]:
+        return np.argsort(u, axis=1, kind="stable")[:, :m]
+    part = np.argpartition(u, m - 1, axis=1)[:, :m]
+    vals = np.take_along_axis(u, part, 1)
+    out = np.take_along_axis(part, np.lexsort((part, vals), axis=1), 1)
+    for i in np.flatnonzero(np.count_nonzero(u <= vals.max(1, keepdims=True), axis=1) != m):
+        out[i] = np.argsort(u[i], kind="stable")[:m]
+    return out
+
+
+def sample_cohorts(stream: np.ndarray, rounds: np.ndarray, num_clients: int, m: int, replace: bool) -> np.ndarray:
+    """:func:`sample_clients` for many rounds at once: row ``j`` is the cohort of round
+    ``rounds[j]`` (key ``fold_in(stream, rounds[j])``), the same numbers in one numpy call."""
+    k = rnd.fold_in_host(stream, rounds).view(np.uint64)
+    u = rnd._uniform_host(k, (m if replace else num_clients,))
+    if replace:
+        return np.minimum((u * num_clients).astype(np.int64), num_clients - 1)
+    return _smallest(u, m).astype(np.int64)
+
+
+def cohort_keys(stream: np.ndarray, rounds: np.ndarray, cohorts: np.ndarray) -> np.ndarray:
+    """:func:`client_keys` for many rounds of distinct cohorts (``cohorts`` ``[R, m]``) at once."""
+    per_client = rnd.fold_in_host(rnd.fold_in_host(stream, rounds)[:, None], cohorts)
+    return rnd.fold_in_host(per_client, 0)
 
 
 def client_keys(stream: np.ndarray, comm_round: int, clients: np.ndarray, *, distinct: bool = False) -> np.ndarray:
@@ -158,24 +188,45 @@ class Server:
         self.client_stream = rnd.fold_in_host(root, _CLIENT)
         self.server_key = torch.as_tensor(rnd.fold_in_host(root, _SERVER)[0], device=problem.device)
         self.counters = Counters()
+        self._plan: tuple | None = None  # sampled cohorts and keys of upcoming rounds (see _sampled)
+        self._plan_len = 0
+
+    def _sampled(self, r: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Round ``r``'s cohort of ``m`` distinct clients and their keys. Both are pure functions of
+        the round, so they are computed for a block of upcoming rounds in one numpy call (the block
+        doubles, up to 256 rounds, while the rounds keep asking for ``m``): about 10x cheaper per
+        round at N = 1,000 than one round at a time, and the same numbers."""
+        plan = self._plan
+        if plan is None or plan[0] != m or not plan[1] <= r < plan[1] + self._plan_len:
+            grow = plan is not None and plan[0] == m and r == plan[1] + self._plan_len
+            self._plan_len = min(2 * self._plan_len, 256) if grow else 4
+            rounds = np.arange(r, r + self._plan_len)
+            ids = sample_cohorts(self.sample_stream, rounds, self.problem.num_clients, m, False)
+            keys = cohort_keys(self.client_stream, rounds, ids)
+            device = self.problem.device
+            plan = self._plan = (m, r, torch.as_tensor(ids, device=device), torch.as_tensor(keys, device=device))
+        return plan[2][r - plan[1]], plan[3][r - plan[1]]
 
     def dispatch(self, msg: Round) -> Replies:
         """Run one communication round."""
         r, device, num = self.counters.comm_rounds, self.problem.device, self.problem.num_clients
-        if isinstance(msg.cohort, torch.Tensor):
-            ids_np = msg.cohort.cpu().numpy()
+        if isinstance(msg.cohort, torch.Tensor) or msg.replace:
+            if isinstance(msg.cohort, torch.Tensor):
+                ids_np = msg.cohort.cpu().numpy()
+            else:
+                ids_np = sample_clients(rnd.fold_in_host(self.sample_stream, r), num, msg.cohort, True)
+            ids = torch.as_tensor(ids_np, device=device)
+            keys = torch.as_tensor(client_keys(self.client_stream, r, ids_np), device=device)
         else:
-            check(msg.replace or msg.cohort <= num, f"cannot sample {msg.cohort} of {num} clients without replacement")
-            ids_np = sample_clients(rnd.fold_in_host(self.sample_stream, r), num, msg.cohort, msg.replace)
-        sampled_distinct = not isinstance(msg.cohort, torch.Tensor) and not msg.replace
-        ids = torch.as_tensor(ids_np, device=device)
-        keys = torch.as_tensor(client_keys(self.client_stream, r, ids_np, distinct=sampled_distinct), device=device)
+            check(msg.cohort <= num, f"cannot sample {msg.cohort} of {num} clients without replacement")
+            ids, keys = self._sampled(r, msg.cohort)
+        m = ids.shape[0]
         values = self.engine.map_clients(msg.task, msg.payload, msg.client_payload, ids, keys)
         c = self.counters
         c.comm_rounds += 1
-        c.floats_down += len(ids_np) * numel(msg.payload) + numel(msg.client_payload)
+        c.floats_down += m * numel(msg.payload) + numel(msg.client_payload)
         c.floats_up += numel(values)
-        c.add_calls(msg.task, len(ids_np))
+        c.add_calls(msg.task, m)
         return Replies(values, ids)
 
     def drive(self, program: Program) -> Any:

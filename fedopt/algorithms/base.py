@@ -63,11 +63,15 @@ class Task:
         oracle_calls: oracle calls per client per round, by kind: ``grad`` (a gradient of
             :math:`f_i` or :math:`g_i`), ``hvp`` (a Hessian-vector product), ``jvp`` (a cross
             product :math:`\\nabla^2_{xy} g_i v`).
+        batched: ``fn`` is batch-polymorphic: called once with the whole cohort's ids and keys
+            (``[m]``) and ``client_payload`` rows, it returns the stacked replies that ``vmap(fn)``
+            would (the ``vmap`` engine then skips ``torch.func.vmap``; tests hold the two to 1e-12).
     """
 
     name: str
     fn: ClientFn
     oracle_calls: Mapping[str, int] = field(default_factory=dict)
+    batched: bool = False
 
 
 @dataclass(frozen=True)

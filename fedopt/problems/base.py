@@ -53,6 +53,10 @@ class AbstractBilevelProblem(ABC):
     dtype: torch.dtype
     device: torch.device
     closed_form: dict[tuple[str, str], object] = {}  # optional hand-derived oracles (see fedopt.oracles)
+    # True when ``inner_batch`` / ``outer_batch`` and every closed form are batch-polymorphic: given
+    # ``[m]`` clients and keys (and x, y, v with or without a leading ``[m]`` axis) they return what
+    # ``vmap`` over the cohort would, so an engine may run a whole cohort as one plain call.
+    batched_oracles: bool = False
 
     @abstractmethod
     def init(self) -> tuple[torch.Tensor, torch.Tensor]:

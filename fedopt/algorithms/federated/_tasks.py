@@ -64,10 +64,14 @@ def bilevel_tasks(
         x, y, v = payload
         return oracles.hvp_yy(g, x, y, problem.inner_batch(data, client, key, b), v, mode=hvp_mode)
 
+    def batched(*oracles_used: tuple[str, str]) -> bool:
+        """A task is batch-polymorphic when its draws and every oracle it calls are (closed forms)."""
+        return problem.batched_oracles and all(o in problem.closed_form for o in oracles_used)
+
     return BilevelTasks(
-        Task("lower_grad", grad_y_inner, {"grad": 1}),
-        Task("outer_grad", outer_grads, {"grad": 1}),
-        Task("neumann", neumann_step, {"hvp": 1}),
-        Task("cross", cross, {"jvp": 1}),
-        Task("hvp", hvp, {"hvp": 1}),
+        Task("lower_grad", grad_y_inner, {"grad": 1}, batched(("inner_loss", "grad_y"))),
+        Task("outer_grad", outer_grads, {"grad": 1}, batched(("outer_loss", "grad_x"), ("outer_loss", "grad_y"))),
+        Task("neumann", neumann_step, {"hvp": 1}, batched(("inner_loss", "hvp_yy"))),
+        Task("cross", cross, {"jvp": 1}, batched(("inner_loss", "jvp_xy"))),
+        Task("hvp", hvp, {"hvp": 1}, batched(("inner_loss", "hvp_yy"))),
     )
