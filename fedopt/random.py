@@ -44,7 +44,8 @@ except (ImportError, AttributeError):  # pragma: no cover - other torch versions
     _ft = None
 
 __all__ = [
-    "fold_in", "fold_in_host", "key", "key_host", "normal", "permutation", "randint", "uniform", "uniform_host",
+    "fold_in", "fold_in_host", "key", "key_host", "normal", "permutation", "randint", "randint_rows", "uniform",
+    "uniform_host",
 ]
 
 # 64-bit constants written as signed int64 (two's complement) so torch accepts them.
@@ -278,6 +279,31 @@ def randint(k: torch.Tensor, high: int | torch.Tensor, shape: tuple[int, ...]) -
         high_t = high_t.reshape(tuple(high_t.shape) + (1,) * len(shape))
     bits = _srl(_bits(k, n), 32).reshape(tuple(k.shape) + tuple(shape))
     return (bits * high_t) >> 32  # bits < 2**32 and high < 2**31: the product fits in int64
+
+
+def randint_rows(k: torch.Tensor, client: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor,
+                 shape: tuple[int, ...]) -> torch.Tensor:
+    """Rows of client ``client``'s block in a client-major array (``offsets[client]`` onwards,
+    ``counts[client]`` rows): ``offsets[client] + randint(k, counts[client], shape)``, the same
+    numbers. ``client`` and ``k`` may carry leading (cohort) axes or be ``vmap``-batched; on CPU the
+    lookup and the draw are one host call."""
+    n = math.prod(shape)
+    if offsets.device.type == "cpu" and HOST_FAST_PATH:
+        off_u, cnt_u = offsets.numpy().view(np.uint64), counts.numpy().view(np.uint64)
+
+        def host(kn: np.ndarray, cn: np.ndarray) -> np.ndarray:
+            tail = (1,) * len(shape)
+            z = (_bits_host(kn, n) >> _U(32)).reshape(kn.shape + tuple(shape))
+            z = z * cnt_u[cn].reshape(cn.shape + tail)  # not in place: the bound may broadcast z
+            z >>= _U(32)
+            z += off_u[cn].reshape(cn.shape + tail)
+            return z
+
+        out = _on_host(host, k, client)
+        if out is not None:
+            return out
+    tail = (1,) * len(shape)
+    return offsets[client].reshape(client.shape + tail) + randint(k, counts[client], shape)
 
 
 def permutation(k: torch.Tensor, n: int) -> torch.Tensor:

@@ -41,22 +41,26 @@ from fedopt.registry import PROBLEMS
 __all__ = ["HyperCleaning", "HyperRepresentation", "RegularizationSelection"]
 
 
-def _draw(data, split: str, client, key, batch_size: int | None, max_count: int):
+def _draw(data, split: str, client, key, batch_size: int | None, max_count: int, onehot: bool = False):
     """Client ``client``'s minibatch from ``split`` (indices into the flat arrays, weights).
 
     Batch-polymorphic: for a cohort (``client`` and ``key`` of shape ``[m]``) every leaf gains a
     leading ``[m]`` axis, as under ``vmap``."""
-    off, n = data[f"{split}_off"][client], data[f"{split}_n"][client]
+    offsets, counts, feats = data[f"{split}_off"], data[f"{split}_n"], data[f"{split}_x"]
     if batch_size is None:  # the full local part, padded to the largest client with zero weights
+        off, n = offsets[client].unsqueeze(-1), counts[client].unsqueeze(-1)
         pos = torch.arange(max_count, device=off.device)
-        n1 = n.unsqueeze(-1)
-        idx = off.unsqueeze(-1) + torch.minimum(pos, n1 - 1)
-        w = (pos < n1).to(data[f"{split}_x"].dtype) / n1
+        idx = off + torch.minimum(pos, n - 1)
+        w = (pos < n).to(feats.dtype) / n
     else:
-        idx = off.unsqueeze(-1) + rnd.randint(key, n, (batch_size,))
-        w = torch.full(idx.shape, 1.0 / batch_size, dtype=data[f"{split}_x"].dtype, device=off.device)
-    # F.embedding is the fastest row gather under vmap (measured 2.2x faster than x[idx] on CPU)
-    return {"x": F.embedding(idx, data[f"{split}_x"]), "y": data[f"{split}_y"][idx], "w": w, "idx": idx}
+        idx = rnd.randint_rows(key, client, offsets, counts, (batch_size,))
+        w = torch.full(idx.shape, 1.0 / batch_size, dtype=feats.dtype, device=idx.device)
+    # F.embedding is the fastest row gather under vmap (measured 2.2x faster than x[idx] on CPU);
+    # ``onehot``: the labels one-hot and class-first ([C, b]), for the closed forms
+    batch = {"x": F.embedding(idx, feats), "y": data[f"{split}_y"][idx], "w": w, "idx": idx}
+    if onehot:
+        batch["onehot"] = F.embedding(idx, data[f"{split}_onehot"]).mT
+    return batch
 
 
 def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -79,8 +83,7 @@ def _ce_parts(y: torch.Tensor, batch, num_classes: int):
     A = batch["x"]
     W = y.unflatten(-1, (num_classes, -1))
     P = torch.softmax(W @ A.mT, -2)
-    onehot = (batch["y"].unsqueeze(-2) == torch.arange(num_classes, device=A.device).unsqueeze(-1)).to(A.dtype)
-    return W, A, P, P - onehot
+    return W, A, P, P - batch["onehot"]
 
 
 def _ce_hvp_term(A: torch.Tensor, P: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
@@ -91,9 +94,10 @@ def _ce_hvp_term(A: torch.Tensor, P: torch.Tensor, V: torch.Tensor) -> torch.Ten
 
 
 def _per_client(value: torch.Tensor, batch) -> torch.Tensor:
-    """``value`` ``[..., k]`` given the batch's leading (cohort) axes as well: a reply that does not
-    depend on the client's data is still one row per client when a cohort is one call."""
-    return value.expand(torch.broadcast_shapes(value.shape[:-1], batch["w"].shape[:-1]) + value.shape[-1:])
+    """``value`` ``[..., k]`` given the batch's leading (cohort) axes when it has none: a reply that
+    does not depend on the client's data is still one row per client when a cohort is one call."""
+    lead = batch["w"].shape[:-1]
+    return value.expand(lead + value.shape[-1:]) if lead and value.dim() == 1 else value
 
 
 def _ravel_spec(module: nn.Module) -> tuple[list[tuple[str, torch.Size]], torch.Tensor]:
@@ -137,6 +141,8 @@ class _ClassificationBilevel(AbstractBilevelProblem):
             "val_x": t(with_ones(fed.x_val), dtype), "val_y": t(fed.y_val, i64),
             "val_off": t(fed.val_offsets, i64), "val_n": t(fed.val_counts, i64),
         }
+        for split in ("train", "val"):  # one-hot labels, gathered with the features
+            self.data[f"{split}_onehot"] = F.one_hot(self.data[f"{split}_y"], self.num_classes).to(dtype)
         self._max_train = int(fed.train_counts.max())
         self._max_val = int(fed.val_counts.max())
         self.x_test, self.y_test = t(with_ones(fed.x_test), dtype), t(fed.y_test, i64)
@@ -145,16 +151,16 @@ class _ClassificationBilevel(AbstractBilevelProblem):
             w = np.repeat(1.0 / (fed.num_clients * counts), counts)
             n = int(counts.sum())
             return {"x": self.data[f"{split}_x"], "y": self.data[f"{split}_y"], "w": t(w, dtype),
-                    "idx": torch.arange(n, device=device)}
+                    "idx": torch.arange(n, device=device), "onehot": self.data[f"{split}_onehot"].T}
 
         self.full_train = full("train", fed.train_counts)
         self.full_val = full("val", fed.val_counts)
 
     def inner_batch(self, data, client, key, batch_size):
-        return _draw(data, "train", client, key, batch_size, self._max_train)
+        return _draw(data, "train", client, key, batch_size, self._max_train, bool(self.closed_form))
 
     def outer_batch(self, data, client, key, batch_size):
-        return _draw(data, "val", client, key, batch_size, self._max_val)
+        return _draw(data, "val", client, key, batch_size, self._max_val, bool(self.closed_form))
 
     def _linear(self, y: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         """Logits of the linear classifier ``y = vec(W)``, ``W`` of shape ``[C, d + 1]``, on features
@@ -199,7 +205,7 @@ class _ClassificationBilevel(AbstractBilevelProblem):
             return ((E * batch["w"].unsqueeze(-2)) @ A).flatten(-2)
 
         def outer_grad_x(x, y, batch):
-            return _per_client(x.new_zeros(torch.broadcast_shapes(x.shape[:-1], y.shape[:-1]) + x.shape[-1:]), batch)
+            return _per_client(x.new_zeros(max(x.shape[:-1], y.shape[:-1], key=len) + x.shape[-1:]), batch)
 
         return {
             ("inner_loss", "grad_y"): inner_grad_y,
