@@ -41,11 +41,13 @@ from fedopt.registry import PROBLEMS
 __all__ = ["HyperCleaning", "HyperRepresentation", "RegularizationSelection"]
 
 
-def _draw(data, split: str, client, key, batch_size: int | None, max_count: int, onehot: bool = False):
+def _draw(data, split: str, client, key, batch_size: int | None, max_count: int, packed: bool = False):
     """Client ``client``'s minibatch from ``split`` (indices into the flat arrays, weights).
 
-    Batch-polymorphic: for a cohort (``client`` and ``key`` of shape ``[m]``) every leaf gains a
-    leading ``[m]`` axis, as under ``vmap``."""
+    ``packed``: features and one-hot labels come from one table ``{split}_xy`` (one gather) and the
+    batch holds the labels one-hot and class-first (``onehot``, ``[C, b]``) instead of as ints
+    (``y``). Batch-polymorphic: for a cohort (``client`` and ``key`` of shape ``[m]``) every leaf
+    gains a leading ``[m]`` axis, as under ``vmap``."""
     offsets, counts, feats = data[f"{split}_off"], data[f"{split}_n"], data[f"{split}_x"]
     if batch_size is None:  # the full local part, padded to the largest client with zero weights
         off, n = offsets[client].unsqueeze(-1), counts[client].unsqueeze(-1)
@@ -55,12 +57,11 @@ def _draw(data, split: str, client, key, batch_size: int | None, max_count: int,
     else:
         idx = rnd.randint_rows(key, client, offsets, counts, (batch_size,))
         w = torch.full(idx.shape, 1.0 / batch_size, dtype=feats.dtype, device=idx.device)
-    # F.embedding is the fastest row gather under vmap (measured 2.2x faster than x[idx] on CPU);
-    # ``onehot``: the labels one-hot and class-first ([C, b]), for the closed forms
-    batch = {"x": F.embedding(idx, feats), "y": data[f"{split}_y"][idx], "w": w, "idx": idx}
-    if onehot:
-        batch["onehot"] = F.embedding(idx, data[f"{split}_onehot"]).mT
-    return batch
+    # F.embedding is the fastest row gather under vmap (measured 2.2x faster than x[idx] on CPU)
+    if packed:
+        rows, d = F.embedding(idx, data[f"{split}_xy"]), feats.shape[-1]
+        return {"x": rows[..., :d], "onehot": rows[..., d:].mT, "w": w, "idx": idx}
+    return {"x": F.embedding(idx, feats), "y": data[f"{split}_y"][idx], "w": w, "idx": idx}
 
 
 def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -68,10 +69,15 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x[idx] if x.dim() == 1 else torch.take_along_dim(x, idx, -1)
 
 
-def _weighted_ce(logits: torch.Tensor, labels: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """sum_j w_j CE(logits_j, labels_j) as logsumexp - true logit: fewer ops than log_softmax, and
-    forward-mode AD works through it without torch's optional decompositions (python -O)."""
-    true = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)
+def _weighted_ce(logits: torch.Tensor, batch, w: torch.Tensor) -> torch.Tensor:
+    """sum_j w_j CE(logits_j, label_j) as logsumexp - true logit: fewer ops than log_softmax, and
+    forward-mode AD works through it without torch's optional decompositions (python -O). The
+    true logit comes from the batch's class-first ``onehot`` if it has one (exactly the same
+    number: one product by 1, the rest by 0), else from its integer labels ``y``."""
+    if "onehot" in batch:
+        true = (logits * batch["onehot"].mT).sum(-1)
+    else:
+        true = torch.gather(logits, -1, batch["y"].unsqueeze(-1)).squeeze(-1)
     return (w * (torch.logsumexp(logits, -1) - true)).sum()
 
 
@@ -135,14 +141,15 @@ class _ClassificationBilevel(AbstractBilevelProblem):
             return np.concatenate([a, np.ones((len(a), 1), dtype=a.dtype)], axis=1)
 
         i64 = torch.int64
-        self.data = {
-            "train_x": t(with_ones(fed.x_train), dtype), "train_y": t(fed.y_train, i64),
-            "train_off": t(fed.train_offsets, i64), "train_n": t(fed.train_counts, i64),
-            "val_x": t(with_ones(fed.x_val), dtype), "val_y": t(fed.y_val, i64),
-            "val_off": t(fed.val_offsets, i64), "val_n": t(fed.val_counts, i64),
-        }
-        for split in ("train", "val"):  # one-hot labels, gathered with the features
-            self.data[f"{split}_onehot"] = F.one_hot(self.data[f"{split}_y"], self.num_classes).to(dtype)
+        self.data = {}
+        for split, xs, ys, offs, counts in (("train", fed.x_train, fed.y_train, fed.train_offsets, fed.train_counts),
+                                            ("val", fed.x_val, fed.y_val, fed.val_offsets, fed.val_counts)):
+            # one table [N, D + C] of features (with the ones column) and one-hot labels: a minibatch
+            # is one gather; the features alone are a view of it
+            onehot = np.eye(fed.num_classes, dtype=xs.dtype)[ys]
+            xy = t(np.concatenate([with_ones(xs), onehot], axis=1), dtype)
+            self.data |= {f"{split}_xy": xy, f"{split}_x": xy[:, : xs.shape[1] + 1], f"{split}_y": t(ys, i64),
+                          f"{split}_off": t(offs, i64), f"{split}_n": t(counts, i64)}
         self._max_train = int(fed.train_counts.max())
         self._max_val = int(fed.val_counts.max())
         self.x_test, self.y_test = t(with_ones(fed.x_test), dtype), t(fed.y_test, i64)
@@ -150,17 +157,18 @@ class _ClassificationBilevel(AbstractBilevelProblem):
         def full(split: str, counts: np.ndarray) -> dict[str, torch.Tensor]:
             w = np.repeat(1.0 / (fed.num_clients * counts), counts)
             n = int(counts.sum())
-            return {"x": self.data[f"{split}_x"], "y": self.data[f"{split}_y"], "w": t(w, dtype),
-                    "idx": torch.arange(n, device=device), "onehot": self.data[f"{split}_onehot"].T}
+            d = self.num_features + 1
+            return {"x": self.data[f"{split}_x"], "onehot": self.data[f"{split}_xy"][:, d:].T, "w": t(w, dtype),
+                    "idx": torch.arange(n, device=device)}
 
         self.full_train = full("train", fed.train_counts)
         self.full_val = full("val", fed.val_counts)
 
     def inner_batch(self, data, client, key, batch_size):
-        return _draw(data, "train", client, key, batch_size, self._max_train, bool(self.closed_form))
+        return _draw(data, "train", client, key, batch_size, self._max_train, packed=True)
 
     def outer_batch(self, data, client, key, batch_size):
-        return _draw(data, "val", client, key, batch_size, self._max_val, bool(self.closed_form))
+        return _draw(data, "val", client, key, batch_size, self._max_val, packed=True)
 
     def _linear(self, y: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         """Logits of the linear classifier ``y = vec(W)``, ``W`` of shape ``[C, d + 1]``, on features
@@ -172,7 +180,7 @@ class _ClassificationBilevel(AbstractBilevelProblem):
         return self._linear(y, inputs)
 
     def outer_loss(self, x, y, batch):
-        return _weighted_ce(self._logits(x, y, batch["x"]), batch["y"], batch["w"])
+        return _weighted_ce(self._logits(x, y, batch["x"]), batch, batch["w"])
 
     def _linear_closed_forms(self, sample_weights, penalty_grad, penalty_hvp, cross) -> dict:
         """Closed-form oracles of a linear classifier's weighted CE plus a penalty:
@@ -281,7 +289,7 @@ class HyperCleaning(_ClassificationBilevel):
 
     def inner_loss(self, x, y, batch):
         sw = batch["w"] * torch.sigmoid(x[batch["idx"]])
-        return _weighted_ce(self._logits(x, y, batch["x"]), batch["y"], sw) + 0.5 * self.reg * y @ y
+        return _weighted_ce(self._logits(x, y, batch["x"]), batch, sw) + 0.5 * self.reg * y @ y
 
     def lower_smoothness(self) -> float:
         # CE Hessian <= 1/2 * ||a||^2 per sample (softmax curvature <= 1/2), weights sigma(x) <= 1.
@@ -344,7 +352,7 @@ class RegularizationSelection(_ClassificationBilevel):
     def inner_loss(self, x, y, batch):
         w = y.reshape(self.num_classes, -1)
         penalty = 0.5 * ((self.mu0 + torch.exp(x)) * w.square().sum(0)).sum()
-        return _weighted_ce(self._logits(x, y, batch["x"]), batch["y"], batch["w"]) + penalty
+        return _weighted_ce(self._logits(x, y, batch["x"]), batch, batch["w"]) + penalty
 
 
 class HyperRepresentation(_ClassificationBilevel):
@@ -381,7 +389,7 @@ class HyperRepresentation(_ClassificationBilevel):
         return self._linear(y, torch.cat([feats, torch.ones_like(feats[..., :1])], -1))
 
     def inner_loss(self, x, y, batch):
-        return _weighted_ce(self._logits(x, y, batch["x"]), batch["y"], batch["w"]) + 0.5 * self.reg * y @ y
+        return _weighted_ce(self._logits(x, y, batch["x"]), batch, batch["w"]) + 0.5 * self.reg * y @ y
 
 
 def _needs_data(context: ProblemContext, name: str) -> FederatedData:

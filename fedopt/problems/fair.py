@@ -148,7 +148,7 @@ class FairClassification(AbstractMinimaxProblem):
 
     def loss(self, x, y, batch):
         _, coef = self._coef(y, batch)
-        ce = _weighted_ce(self._logits(x, batch["x"]), batch["y"], batch["w"] * coef)
+        ce = _weighted_ce(self._logits(x, batch["x"]), batch, batch["w"] * coef)
         return ce + 0.5 * self.reg * (x @ x) - 0.5 * self.lam_y * (y @ y)
 
     # closed-form gradients (checked against torch.func in tests/problems/test_fair.py)
