@@ -57,6 +57,9 @@ class AbstractBilevelProblem(ABC):
     # ``[m]`` clients and keys (and x, y, v with or without a leading ``[m]`` axis) they return what
     # ``vmap`` over the cohort would, so an engine may run a whole cohort as one plain call.
     batched_oracles: bool = False
+    # closed forms (``(loss_name, oracle_name)``) whose value does not depend on the batch: a task
+    # may then pass ``batch=None`` and skip the client's draw
+    data_free_oracles: frozenset[tuple[str, str]] = frozenset()
 
     @abstractmethod
     def init(self) -> tuple[torch.Tensor, torch.Tensor]:

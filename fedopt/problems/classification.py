@@ -95,8 +95,14 @@ def _ce_parts(y: torch.Tensor, batch, num_classes: int):
 def _ce_hvp_term(A: torch.Tensor, P: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """Per-sample softmax-CE Hessian applied to V in logit space, class-first [C, b]:
     P*U - P*<P, U>, U = V A^T."""
-    U = V @ A.mT
-    return P * U - P * (P * U).sum(-2, keepdim=True)
+    PU = P * (V @ A.mT)
+    return PU - P * PU.sum(-2, keepdim=True)
+
+
+def _per_column(lam: torch.Tensor) -> torch.Tensor:
+    """A per-column vector ``[..., D]`` shaped to scale ``[..., C, D]`` weights (as is without
+    leading axes, when it broadcasts already)."""
+    return lam.unsqueeze(-2) if lam.dim() > 1 else lam
 
 
 def _per_client(value: torch.Tensor, batch) -> torch.Tensor:
@@ -182,11 +188,12 @@ class _ClassificationBilevel(AbstractBilevelProblem):
     def outer_loss(self, x, y, batch):
         return _weighted_ce(self._logits(x, y, batch["x"]), batch, batch["w"])
 
-    def _linear_closed_forms(self, sample_weights, penalty_grad, penalty_hvp, cross) -> dict:
+    def _linear_closed_forms(self, sample_weights, penalty_grad, penalty_hvp, cross, cross_uses_data=True) -> dict:
         """Closed-form oracles of a linear classifier's weighted CE plus a penalty:
         ``sample_weights(x, batch)`` gives the CE weight of every sample, ``penalty_grad(x, W)`` and
         ``penalty_hvp(x, V)`` the penalty's gradient and Hessian product in W, ``cross(x, W, V, batch,
-        A, P, E)`` the cross product grad2_xy g v (``P``, ``E`` class-first). The upper loss is the
+        A, P, E)`` the cross product grad2_xy g v (``P``, ``E`` class-first; ``cross(x, W, V)`` if
+        ``cross_uses_data`` is false, and then the batch may be ``None``). The upper loss is the
         validation CE (no x). With ``E = P - onehot``: grad_W = (E * s) A, and the Hessian product
         is (diag(P) - P P^T)(V a) per sample.
 
@@ -205,8 +212,12 @@ class _ClassificationBilevel(AbstractBilevelProblem):
                     + penalty_hvp(x, V)).flatten(-2)
 
         def inner_jvp_xy(x, y, batch, v):
+            V = v.unflatten(-1, (C, -1))
+            if not cross_uses_data:
+                out = cross(x, y.unflatten(-1, (C, -1)), V)
+                return out if batch is None else _per_client(out, batch)
             W, A, P, E = _ce_parts(y, batch, C)
-            return cross(x, W, v.unflatten(-1, (C, -1)), batch, A, P, E)
+            return cross(x, W, V, batch, A, P, E)
 
         def outer_grad_y(x, y, batch):
             _, A, _, E = _ce_parts(y, batch, C)
@@ -272,7 +283,7 @@ class HyperCleaning(_ClassificationBilevel):
             idx = batch["idx"]
             sig = torch.sigmoid(_take(x, idx))
             contrib = batch["w"] * sig * (1 - sig) * (E * (V @ A.mT)).sum(-2)
-            shape = torch.broadcast_shapes(x.shape[:-1], idx.shape[:-1]) + x.shape[-1:]
+            shape = max(x.shape[:-1], idx.shape[:-1], key=len) + x.shape[-1:]
             return x.new_zeros(shape).scatter_add(-1, idx.expand(shape[:-1] + idx.shape[-1:]), contrib)
 
         self.closed_form = self._linear_closed_forms(
@@ -339,11 +350,14 @@ class RegularizationSelection(_ClassificationBilevel):
         self.y_dim = self.num_classes * (self.num_features + 1)
         self.closed_form = self._linear_closed_forms(
             sample_weights=lambda x, batch: batch["w"],
-            penalty_grad=lambda x, W: (mu0 + torch.exp(x)).unsqueeze(-2) * W,
-            penalty_hvp=lambda x, V: (mu0 + torch.exp(x)).unsqueeze(-2) * V,
-            cross=lambda x, W, V, batch, A, P, E: _per_client(torch.exp(x) * (W * V).sum(-2), batch),
+            penalty_grad=lambda x, W: _per_column(mu0 + torch.exp(x)) * W,
+            penalty_hvp=lambda x, V: _per_column(mu0 + torch.exp(x)) * V,
+            # only the regulariser couples x and y: the cross product needs no data
+            cross=lambda x, W, V: torch.exp(x) * (W * V).sum(-2),
+            cross_uses_data=False,
         ) if oracles == "closed_form" else {}
         self.batched_oracles = bool(self.closed_form)
+        self.data_free_oracles = frozenset({("inner_loss", "jvp_xy")}) if self.closed_form else frozenset()
 
     def init(self):
         x0 = torch.full((self.x_dim,), self.init_log_reg, dtype=self.dtype, device=self.device)

@@ -54,9 +54,14 @@ def bilevel_tasks(
         hv = oracles.hvp_yy(g, x, y, problem.inner_batch(data, client, key, b), v, mode=hvp_mode)
         return v - eta * hv
 
+    cross_uses_data = ("inner_loss", "jvp_xy") not in problem.data_free_oracles
+
     def cross(payload, client_payload, data, client, key):
         del client_payload
         x, y, p = payload
+        if not cross_uses_data:  # the same reply from every client, without a minibatch
+            out = oracles.jvp_xy(g, x, y, None, p, mode=hvp_mode)
+            return out.expand(client.shape + out.shape)
         return oracles.jvp_xy(g, x, y, problem.inner_batch(data, client, rnd.fold_in(key, 1), b), p, mode=hvp_mode)
 
     def hvp(payload, client_payload, data, client, key):
