@@ -70,8 +70,12 @@ def torch_only(monkeypatch):
     return run
 
 
+OFFSETS, COUNTS = torch.tensor([0, 10, 25, 40, 41]), torch.tensor([10, 15, 15, 1, 9])  # 5 client blocks
+
+
 def _draws(ks, highs):
     return {
+        "randint_rows": rnd.randint_rows(ks, highs % 5, OFFSETS, COUNTS, (4, 3)),
         "fold_int": rnd.fold_in(ks, 7), "fold_neg": rnd.fold_in(ks, -3), "fold_big": rnd.fold_in(ks, 2**62 + 5),
         "fold_tensor": rnd.fold_in(ks, torch.arange(3).reshape((3,) + (1,) * ks.dim()) if ks.dim() else torch.arange(3)),
         "randint": rnd.randint(ks, highs, (4, 3)), "randint_scalar_high": rnd.randint(ks, 1000, (9,)),
@@ -96,7 +100,8 @@ def test_host_fast_path_under_vmap_is_bit_identical(torch_only):
 
     def draw(k, h):
         return (rnd.randint(rnd.fold_in(k, 1), h, (5,)), rnd.normal(rnd.fold_in(k, 2), (3,)),
-                rnd.fold_in(k, torch.arange(4)), rnd.randint(k, 50, (2,)), rnd.uniform(k, (2, 2)))
+                rnd.fold_in(k, torch.arange(4)), rnd.randint(k, 50, (2,)), rnd.uniform(k, (2, 2)),
+                rnd.randint_rows(k, h % 5, OFFSETS, COUNTS, (3,)))
 
     cases = {
         "vmap": lambda: vmap(draw)(ks, highs),
@@ -139,3 +144,56 @@ def test_sampling_breaks_ties_at_the_cut_like_the_stable_argsort(monkeypatch):
     monkeypatch.setattr(runner.rnd, "uniform_host", lambda k, n: u[:n])
     for m in range(1, 7):  # m = 3, 4 cut through the tied 0.3s
         assert np.array_equal(runner.sample_clients(np.zeros(1), 7, m, False), np.argsort(u, kind="stable")[:m])
+
+
+def test_randint_rows_is_the_block_offset_plus_randint():
+    ks = rnd.fold_in(rnd.key(1), torch.arange(6))
+    clients = torch.tensor([4, 0, 3, 1, 1, 2])
+    rows = rnd.randint_rows(ks, clients, OFFSETS, COUNTS, (7,))
+    assert torch.equal(rows, OFFSETS[clients, None] + rnd.randint(ks, COUNTS[clients], (7,)))
+    lo, hi = OFFSETS[clients, None], (OFFSETS + COUNTS)[clients, None]
+    assert bool(((rows >= lo) & (rows < hi)).all())  # every row inside its client's block
+    assert torch.equal(rows[2], torch.full((7,), 40))  # a client with one row
+
+
+def test_block_sampled_cohorts_and_keys_equal_the_round_by_round_ones():
+    from fedopt.runner import client_keys, cohort_keys, sample_clients, sample_cohorts
+
+    stream = rnd.fold_in_host(rnd.key_host(5), 1)
+    rounds = np.arange(3, 40)
+    for n, m in ((1000, 10), (1000, 500), (50, 49), (50, 50), (7, 1)):
+        for replace in (False, True):
+            block = sample_cohorts(stream, rounds, n, m, replace)
+            one_by_one = [sample_clients(rnd.fold_in_host(stream, int(r)), n, m, replace) for r in rounds]
+            assert np.array_equal(block, np.stack(one_by_one)), (n, m, replace)
+        ids = sample_cohorts(stream, rounds, n, m, False)
+        keys = cohort_keys(stream, rounds, ids)
+        assert np.array_equal(keys, np.stack([client_keys(stream, int(r), c) for r, c in zip(rounds, ids, strict=True)]))
+
+
+def test_block_sampling_breaks_ties_at_the_cut_like_the_stable_argsort():
+    from fedopt.runner import _smallest
+
+    u = np.array([[0.5, 0.1, 0.3, 0.1, 0.3, 0.9, 0.3],  # ties across the cut for m = 3, 4
+                  [0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1],
+                  [0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2]])
+    for m in range(1, 8):
+        assert np.array_equal(_smallest(u, m), np.argsort(u, axis=1, kind="stable")[:, :m]), m
+
+
+def test_the_server_reuses_its_block_only_for_the_rounds_and_cohort_size_it_was_made_for():
+    """Rounds that change the cohort size, or skip sampling (an explicit cohort), get the same
+    clients and keys as round-by-round sampling would give them."""
+    from helpers import built, quadratic_config
+
+    from fedopt.runner import Server, client_keys, sample_clients
+
+    b = built(quadratic_config(clients=30))
+    server = Server(b.problem, b.engine, seed=4)
+    for r, m in enumerate([3, 3, 3, 5, 5, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 30, 1, 1, 3, 3]):
+        if r == 7:
+            continue  # a round with an explicit cohort samples nothing
+        ids, keys = server._sampled(r, m)
+        want = sample_clients(rnd.fold_in_host(server.sample_stream, r), 30, m, False)
+        assert np.array_equal(ids.numpy(), want), (r, m)
+        assert np.array_equal(keys.numpy(), client_keys(server.client_stream, r, want)), (r, m)
