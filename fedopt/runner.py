@@ -119,10 +119,13 @@ def sample_cohorts(stream: np.ndarray, rounds: np.ndarray, num_clients: int, m: 
     """:func:`sample_clients` for many rounds at once: row ``j`` is the cohort of round
     ``rounds[j]`` (key ``fold_in(stream, rounds[j])``), the same numbers in one numpy call."""
     k = rnd.fold_in_host(stream, rounds).view(np.uint64)
-    u = rnd._uniform_host(k, (m if replace else num_clients,))
     if replace:
+        u = rnd._uniform_host(k, (m,))
         return np.minimum((u * num_clients).astype(np.int64), num_clients - 1)
-    return _smallest(u, m).astype(np.int64)
+    # the uniforms' 53-bit integers: u = (v + 1/2) 2^-53 exactly, so they order (and tie) alike
+    v = rnd._bits_host(k, num_clients)
+    v >>= np.uint64(11)
+    return _smallest(v, m).astype(np.int64)
 
 
 def cohort_keys(stream: np.ndarray, rounds: np.ndarray, cohorts: np.ndarray) -> np.ndarray:
@@ -204,7 +207,8 @@ class Server:
             ids = sample_cohorts(self.sample_stream, rounds, self.problem.num_clients, m, False)
             keys = cohort_keys(self.client_stream, rounds, ids)
             device = self.problem.device
-            plan = self._plan = (m, r, torch.as_tensor(ids, device=device), torch.as_tensor(keys, device=device))
+            plan = self._plan = (m, r, torch.as_tensor(ids, device=device).unbind(0),
+                                 torch.as_tensor(keys, device=device).unbind(0))
         return plan[2][r - plan[1]], plan[3][r - plan[1]]
 
     def dispatch(self, msg: Round) -> Replies:

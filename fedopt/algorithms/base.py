@@ -185,6 +185,8 @@ def numel(tree: Any) -> int:
     """Number of floats in a pytree of tensors (``None`` counts zero)."""
     if isinstance(tree, torch.Tensor):  # the common cases first, without pytree flattening
         return tree.numel()
+    if tree is None:
+        return 0
     if type(tree) is tuple and all(type(t) is torch.Tensor for t in tree):
         return sum(t.numel() for t in tree)
     return sum(t.numel() for t in tree_leaves(tree) if isinstance(t, torch.Tensor))
