@@ -37,7 +37,7 @@ from typing import Literal
 import torch
 from torch.func import grad, jvp, vjp
 
-__all__ = ["Objective", "grad_x", "grad_xy", "grad_y", "hvp_and_jvp", "hvp_yy", "jvp_xy"]
+__all__ = ["Objective", "batch_polymorphic", "grad_x", "grad_xy", "grad_y", "hvp_and_jvp", "hvp_yy", "jvp_xy"]
 
 Objective = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
 Mode = Literal["fwd", "rev"]
@@ -47,6 +47,13 @@ def _closed_form(fn: Objective, oracle: str):
     """The problem's closed form of ``oracle`` for the bound loss ``fn``, if it has one."""
     table = getattr(getattr(fn, "__self__", None), "closed_form", None)
     return table.get((fn.__name__, oracle)) if table else None
+
+
+def batch_polymorphic(problem, *used: tuple[str, str]) -> bool:
+    """Whether a client task that draws the problem's batches and calls the oracles ``used``
+    (``(loss_name, oracle_name)`` pairs) runs as one call on a whole cohort: the problem's draws are
+    batch-polymorphic (``batched_oracles``) and every oracle used has such a closed form."""
+    return bool(getattr(problem, "batched_oracles", False)) and all(o in problem.closed_form for o in used)
 
 
 def grad_x(fn: Objective, x: torch.Tensor, y: torch.Tensor, batch: object) -> torch.Tensor:

@@ -137,12 +137,19 @@ def node_tasks(problem: AbstractBilevelProblem, *, batch_size: int | None, hvp_m
         return oracles.grad_y(g, x, y, gb), hv - fy, fx - jv
 
     p, q = problem.x_dim, problem.y_dim
+    gy_g, gy_f, gx_f = ("inner_loss", "grad_y"), ("outer_loss", "grad_y"), ("outer_loss", "grad_x")
+    hvp, cross = ("inner_loss", "hvp_yy"), ("inner_loss", "jvp_xy")
+
+    def batched(*used: tuple[str, str]) -> bool:  # one call on all nodes (the vmap engine), see Task
+        return oracles.batch_polymorphic(problem, *used)
+
     return {
-        "joint": Task("joint", joint, {"grad": 2, "hvp": 1, "jvp": 1}),
-        "upper_grad_y": Task("upper_grad_y", upper_grad_y, {"grad": 1}),
-        "lower_grad": Task("lower_grad", lower_grad, {"grad": 1}),
-        "z_grad": Task("z_grad", z_grad, {"hvp": 1, "grad": 1}),
-        "hypergrad": Task("hypergrad", hypergrad, {"grad": 1, "jvp": 1}),
+        "joint": Task("joint", joint, {"grad": 2, "hvp": 1, "jvp": 1}, batched(gy_g, hvp, cross, gx_f, gy_f)),
+        "upper_grad_y": Task("upper_grad_y", upper_grad_y, {"grad": 1}, batched(gy_f)),
+        "lower_grad": Task("lower_grad", lower_grad, {"grad": 1}, batched(gy_g)),
+        "z_grad": Task("z_grad", z_grad, {"hvp": 1, "grad": 1}, batched(hvp, gy_f)),
+        "hypergrad": Task("hypergrad", hypergrad, {"grad": 1, "jvp": 1}, batched(cross, gx_f)),
+        # per-node matrices (vmap over rows, jacrev, Z @ g): always traced
         "jhip_grad": Task("jhip_grad", jhip_grad, {"hvp": p, "jvp": q}),
         "hypergrad_jhip": Task("hypergrad_jhip", hypergrad_jhip, {"grad": 1}),
     }

@@ -69,9 +69,8 @@ def bilevel_tasks(
         x, y, v = payload
         return oracles.hvp_yy(g, x, y, problem.inner_batch(data, client, key, b), v, mode=hvp_mode)
 
-    def batched(*oracles_used: tuple[str, str]) -> bool:
-        """A task is batch-polymorphic when its draws and every oracle it calls are (closed forms)."""
-        return problem.batched_oracles and all(o in problem.closed_form for o in oracles_used)
+    def batched(*used: tuple[str, str]) -> bool:
+        return oracles.batch_polymorphic(problem, *used)
 
     return BilevelTasks(
         Task("lower_grad", grad_y_inner, {"grad": 1}, batched(("inner_loss", "grad_y"))),
