@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-
 from fedopt import oracles
 from fedopt import random as rnd
 from fedopt.algorithms.base import Task
