@@ -41,6 +41,11 @@ def _sym(a: torch.Tensor) -> torch.Tensor:
     return 0.5 * (a + a.transpose(-1, -2))
 
 
+def _mv(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Matrix times vector, both with optional leading (cohort) axes that broadcast."""
+    return (a @ v.unsqueeze(-1)).squeeze(-1) if v.dim() > 1 else a @ v
+
+
 class QuadraticBilevel(AbstractBilevelProblem):
     """See the module docstring. Build with :func:`quadratic`."""
 
@@ -65,13 +70,15 @@ class QuadraticBilevel(AbstractBilevelProblem):
         self.mu, self.L, self.delta, self.sigma = mu, L, delta, sigma
         self.lam, self.cos_weight = lam, cos_weight
         self.dtype, self.device = dtype, device
+        # batch-polymorphic: clients (the batch's H, J, c, d, xi) and x, y, v may carry a leading axis
         self.closed_form = {
-            ("inner_loss", "grad_y"): lambda x, y, b: b["H"] @ y - (b["J"] @ x + b["c"]),
-            ("inner_loss", "hvp_yy"): lambda x, y, b, v: b["H"] @ v,
-            ("inner_loss", "jvp_xy"): lambda x, y, b, v: -(b["J"].T @ v),
+            ("inner_loss", "grad_y"): lambda x, y, b: _mv(b["H"], y) - (_mv(b["J"], x) + b["c"]),
+            ("inner_loss", "hvp_yy"): lambda x, y, b, v: _mv(b["H"], v),
+            ("inner_loss", "jvp_xy"): lambda x, y, b, v: -_mv(b["J"].mT, v),
             ("outer_loss", "grad_y"): lambda x, y, b: y - b["d"],
             ("outer_loss", "grad_x"): lambda x, y, b: lam * x + b["xi"] - cos_weight * torch.sin(x),
         } if oracles == "closed_form" else {}
+        self.batched_oracles = bool(self.closed_form)
         rng = np.random.default_rng([seed, 0x9A])
         p, q, m = x_dim, y_dim, clients
 
@@ -121,7 +128,7 @@ class QuadraticBilevel(AbstractBilevelProblem):
 
     def outer_batch(self, data, client, key, batch_size):
         d = data["d"][client]
-        xi = torch.zeros(self.x_dim, dtype=self.dtype, device=d.device)
+        xi = torch.zeros(d.shape[:-1] + (self.x_dim,), dtype=self.dtype, device=d.device)
         s = self._noise_scale(batch_size)
         if s:
             d = d + s * rnd.normal(rnd.fold_in(key, 3), (self.y_dim,), self.dtype)

@@ -10,7 +10,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from helpers import built
+from helpers import built, dec_config, quadratic_config
 from torch.func import vmap
 
 import fedopt
@@ -23,13 +23,18 @@ def _raw(problem, orc="closed_form", **alg):
     params = {"outer_lr": 10.0, "inner_lr": 0.5, "neumann_lr": 0.5, "neumann_terms": 3, "inner_steps": 2,
               "clients_per_round": 4, "batch_size": 8} | alg
     params = {k: v for k, v in params.items() if v is not None}  # no batch_size: full local data
+    if problem == "quadratic":  # noisy, with the nonconvex cos term
+        raw = quadratic_config(clients=7, rounds=3, params=params,
+                               problem={"sigma": 0.3, "cos_weight": 0.5, "oracles": orc})
+        raw["algorithm"]["params"]["outer_lr"] = 0.3
+        return raw
     return {"seed": 3, "clients": 7, "rounds": 3, "dtype": "float64",
             "problem": {"name": problem, "params": {"oracles": orc}}, "data": {"name": "digits"},
             "partition": {"name": "dirichlet", "params": {"alpha": 0.5}},
             "algorithm": {"name": "fedmbo", "params": params}}
 
 
-PROBLEMS = ["hyper_cleaning", "regularization_selection"]
+PROBLEMS = ["hyper_cleaning", "regularization_selection", "quadratic"]
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +152,13 @@ def test_node_tasks_with_and_without_batching_give_the_same_trajectory(name, alg
            "problem": {"name": name}, "data": {"name": "digits"},
            "partition": {"name": "dirichlet", "params": {"alpha": 0.5}},
            "algorithm": {"name": algorithm, "params": params}}
+    if name == "quadratic":
+        raw = dec_config(algorithm, n=6, rounds=3, eval_every=1, problem={"sigma": 0.3, "cos_weight": 0.5})
+        raw["algorithm"]["params"] = params
     if algorithm.startswith(("ma_dsbo", "dbo")):
         raw["topology"] = {"name": "ring", "mixing": "metropolis_hastings"}
+    else:
+        raw.pop("topology", None)
     ref = _run(raw, {"name": "local"})
     for engine in ({"name": "vmap"}, {"name": "vmap", "params": {"batched_tasks": False}}):
         assert float(np.abs(_run(raw, engine) - ref).max()) <= 1e-10, engine
