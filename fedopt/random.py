@@ -161,19 +161,10 @@ def _on_host(kernel, *args: torch.Tensor) -> torch.Tensor | None:
             out = out.reshape(out.shape[1:])  # the 0-d arguments were made 1-d above; undo it
         if out.dtype == np.uint64:
             out = out.view(np.int64)
-        return torch.from_numpy(out if out.flags.c_contiguous else out.copy())
-    level = max((_ft.maybe_get_level(a) for a in args if _ft.is_batchedtensor(a)), default=None)
-    if level is None:
-        if any(a.device.type != "cpu" or a.requires_grad or _ft.is_functorch_wrapped_tensor(a) for a in args):
-            return None
-        scalar = all(a.dim() == 0 for a in args)
-        out = kernel(*(a.numpy().reshape(1).view(np.uint64) if a.dim() == 0 else a.numpy().view(np.uint64)
-                       for a in args))
-        if scalar and out.ndim > 0 and out.shape[0] == 1:
-            out = out.reshape(out.shape[1:])  # the 0-d arguments were made 1-d above; undo it
-        if out.dtype == np.uint64:
-            out = out.view(np.int64)
         return torch.from_numpy(out if out.flags.c_contiguous else out.copy())  # (ascontiguousarray makes 0-d 1-d)
+    level = max((_ft.maybe_get_level(a) for a in args if _ft.is_batchedtensor(a)), default=None)
+    if level is None:  # wrapped by another transform (grad tracking): the torch ops
+        return None
     rank = max(a.dim() for a in args)
     size, inner = 0, []
     for a in args:

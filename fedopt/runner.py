@@ -94,11 +94,7 @@ def sample_clients(k: np.ndarray, num_clients: int, m: int, replace: bool) -> np
     u = rnd.uniform_host(k, m if replace else num_clients)
     if replace:
         return np.minimum((u * num_clients).astype(np.int64), num_clients - 1)
-    if m < num_clients:  # the m smallest in O(N), then sorted: the stable argsort's first m
-        part = np.argpartition(u, m - 1)[:m]
-        if np.count_nonzero(u <= u[part].max()) == m:  # (a tie across the cut: take the argsort)
-            return part[np.lexsort((part, u[part]))].astype(np.int64)
-    return np.argsort(u, kind="stable")[:m].astype(np.int64)
+    return _smallest(u[None], m)[0].astype(np.int64)  # the stable argsort's first m
 
 
 def _smallest(u: np.ndarray, m: int) -> np.ndarray:
@@ -197,8 +193,8 @@ class Server:
     def _sampled(self, r: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Round ``r``'s cohort of ``m`` distinct clients and their keys. Both are pure functions of
         the round, so they are computed for a block of upcoming rounds in one numpy call (the block
-        doubles, up to 256 rounds, while the rounds keep asking for ``m``): about 10x cheaper per
-        round at N = 1,000 than one round at a time, and the same numbers."""
+        doubles, up to 256 rounds, while the rounds keep asking for ``m``): about 23 us per round at
+        N = 1,000 against 60-110 us one round at a time, and the same numbers."""
         plan = self._plan
         if plan is None or plan[0] != m or not plan[1] <= r < plan[1] + self._plan_len:
             grow = plan is not None and plan[0] == m and r == plan[1] + self._plan_len

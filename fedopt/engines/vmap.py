@@ -4,8 +4,8 @@ The problem's data stays where it is (one copy, not gathered per client); each c
 indexes it by its (batched) client id, so a round's minibatches are one gather.
 
 A task is batched by ``torch.func.vmap`` unless it is batch-polymorphic (``Task.batched``: its
-draws and oracles are closed forms that broadcast over a leading cohort axis, as the
-classification problems' are). Such a task is called once on the whole cohort: the same numbers
+draws and oracles are closed forms that broadcast over a leading cohort axis, as the quadratic's
+and the linear classifiers' are). Such a task is called once on the whole cohort: the same numbers
 as ``vmap(fn)`` (tested to 1e-12) without vmap's per-op batching, which dominates small models
 (``benchmarks/bench_fedmbo.py``). ``batched_tasks = false`` always uses ``vmap``.
 """
