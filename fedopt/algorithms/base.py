@@ -1,19 +1,39 @@
-r"""The vocabulary of federated algorithms: client tasks, communication rounds, server programs.
+r"""The vocabulary of algorithms: explicit state, client tasks, communication rounds, server programs.
 
-A federated algorithm is a *server program*: a generator that reads like the paper's pseudo-code.
-It ``yield``\ s a :class:`Round` (a client task, what the server broadcasts, how many clients to
-pick) and receives the picked clients' :class:`Replies`; at every outer-iteration boundary it
-``yield``\ s an :class:`Iterate` so the runner can measure progress. Programs never see an engine:
+An algorithm is an explicit **state** (a typed pytree: a ``NamedTuple`` of tensors with at least
+``x`` and ``y``, plus whatever the method carries: trackers, accumulators, Neumann vectors, momenta)
+made by ``init`` and advanced **one outer iteration at a time** by ``step``, a generator that reads
+like the paper's pseudo-code. It ``yield``\ s a :class:`Round` (a client task, what the server
+broadcasts, how many clients to pick), receives the picked clients' :class:`Replies`, and
+``return``\ s the next state. Steps never see an engine, and the runner owns the outer loop,
+metrics, ``stop_when`` and checkpoints (a checkpoint is the state plus the round counters, so a
+resumed run is bit-identical to an uninterrupted one):
 
 .. code-block:: python
 
-    def program(problem, x, y, K, key):
-        yield Iterate(0, x, y)
-        for k in range(K):
+    class MyState(NamedTuple):
+        x: torch.Tensor
+        y: torch.Tensor
+
+    def setup(problem, K, key):                 # once per run: tasks, constants
+        tasks = bilevel_tasks(problem, batch_size=b)
+
+        def init(x0, y0):
+            return MyState(x0, y0)
+
+        def step(s, k):                          # outer iteration k -> k + 1
+            y = s.y
             for t in range(T):
-                y = y - beta * (yield Round(tasks.grad_y_inner, (x, y), n)).mean()
-            ...
-            yield Iterate(k + 1, x, y)
+                y = y - beta * (yield Round(tasks.grad_y_inner, (s.x, y), n)).mean()
+            h = yield from phe(tasks, s.x, y, ...)
+            return MyState(s.x - alpha * h, y)
+
+        return Steps(init, step)
+
+    algorithm = FederatedAlgorithm("mine", clients_per_round=n, replace=False, setup=setup)
+
+A decentralized algorithm has the same shape over stacked node state (``[n, ...]``), with
+:class:`LocalStep` (every node runs a task on its own row) and :class:`Gossip` in place of rounds.
 
 A :class:`Task` wraps a pure client function
 ``fn(payload, client_payload, data, client, key) -> reply`` (a pytree of tensors) that reads only
@@ -27,7 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
@@ -46,7 +66,10 @@ __all__ = [
     "Program",
     "Replies",
     "Round",
+    "State",
+    "Steps",
     "Task",
+    "node_variables",
     "numel",
 ]
 
@@ -117,19 +140,55 @@ class Iterate:
 Program = Generator[Round | Iterate, Replies | None, None]
 
 
+State = Any  # a NamedTuple (a torch pytree) of tensors with at least the fields ``x`` and ``y``
+StepProgram = Generator[Any, Any, State]  # yields rounds / local steps / gossip, returns the next state
+
+
+class Steps(NamedTuple):
+    """An algorithm bound to one run (what ``setup`` returns).
+
+    Attributes:
+        init: ``init(x0, y0) -> state``; decentralized: the stacked state of every node, all
+            starting at ``(x0, y0)``.
+        step: ``step(state, k) -> generator`` carrying out outer iteration ``k`` (``k = 0..K-1``);
+            it yields :class:`Round` (federated) or :class:`LocalStep` / :class:`Gossip`
+            (decentralized) and returns the state after the iteration.
+        variables: decentralized only: ``variables(state) -> {name: [n, d] tensor}``, the stacked
+            variables whose consensus error is measured (default ``x`` and ``y``).
+        diagnostics: ``diagnostics(state) -> {name: float}``, internal quantities reported with
+            the metrics at every evaluation (e.g. a Neumann vector's norm); default none.
+    """
+
+    init: Callable[[torch.Tensor, torch.Tensor], State]
+    step: Callable[[State, int], StepProgram]
+    variables: Callable[[State], dict[str, torch.Tensor]] | None = None
+    diagnostics: Callable[[State], dict[str, float]] | None = None
+
+
 @dataclass(frozen=True)
 class FederatedAlgorithm:
-    """A federated algorithm: its server program and what the runner must know of it.
+    """A federated algorithm: how to set it up for a run and what the runner must know of it.
 
-    ``program(problem, x0, y0, K, key)`` runs ``K`` outer iterations; ``key`` is the server's own
-    random stream (random truncations and the like).
+    ``setup(problem, K, key) -> Steps`` is called once per run of ``K`` outer iterations; ``key``
+    is the server's own random stream (random truncations and the like; derive per-iteration keys
+    from it with ``fold_in(key, k)`` so that a step is a pure function of ``(state, k)``).
+    ``clients_per_round=None`` means every round asks all clients (centralized methods).
     """
 
     name: str
-    clients_per_round: int | None  # None: every round asks all clients (centralized methods)
+    clients_per_round: int | None
     replace: bool
-    program: Callable[[AbstractBilevelProblem, torch.Tensor, torch.Tensor, int, torch.Tensor], Program]
-    solves: str = "bilevel"  # or "minimax": the kind of problem the program expects
+    setup: Callable[[AbstractBilevelProblem, int, torch.Tensor], Steps]
+    solves: str = "bilevel"  # or "minimax": the kind of problem the steps expect
+
+    def program(self, problem: Any, x0: torch.Tensor, y0: torch.Tensor, K: int, key: torch.Tensor) -> Program:
+        """The whole run as one generator (``Iterate`` at every boundary): ``init`` and ``K`` steps."""
+        steps = self.setup(problem, K, key)
+        state = steps.init(x0, y0)
+        yield Iterate(0, state.x, state.y)
+        for k in range(K):
+            state = yield from steps.step(state, k)
+            yield Iterate(k + 1, state.x, state.y)
 
 
 @dataclass(frozen=True)
@@ -172,13 +231,28 @@ NodeProgram = Generator[LocalStep | Gossip | NodeIterate, Any, None]
 class DecentralizedAlgorithm:
     """A decentralized bilevel algorithm over the nodes of a gossip graph.
 
-    ``program(problem, x0, y0, K, key, n)`` runs ``K`` outer iterations on ``n`` nodes, all
-    starting at ``(x0, y0)``, and yields :class:`LocalStep`, :class:`Gossip` and
-    :class:`NodeIterate`.
+    ``setup(problem, K, key, n) -> Steps`` binds it to a run of ``K`` outer iterations on ``n``
+    nodes; its ``init`` stacks ``(x0, y0)`` over the nodes and its ``step`` yields
+    :class:`LocalStep` and :class:`Gossip` and returns the next stacked state.
     """
 
     name: str
-    program: Callable[[AbstractBilevelProblem, torch.Tensor, torch.Tensor, int, torch.Tensor, int], NodeProgram]
+    setup: Callable[[AbstractBilevelProblem, int, torch.Tensor, int], Steps]
+
+    def program(self, problem: Any, x0: torch.Tensor, y0: torch.Tensor, K: int, key: torch.Tensor,
+                n: int) -> NodeProgram:
+        """The whole run as one generator (``NodeIterate`` at every boundary)."""
+        steps = self.setup(problem, K, key, n)
+        state = steps.init(x0, y0)
+        yield NodeIterate(0, node_variables(steps, state))
+        for k in range(K):
+            state = yield from steps.step(state, k)
+            yield NodeIterate(k + 1, node_variables(steps, state))
+
+
+def node_variables(steps: Steps, state: State) -> dict[str, torch.Tensor]:
+    """The stacked variables of a decentralized state whose consensus is measured."""
+    return steps.variables(state) if steps.variables is not None else {"x": state.x, "y": state.y}
 
 
 def numel(tree: Any) -> int:

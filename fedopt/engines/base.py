@@ -6,17 +6,26 @@ along a leading cohort axis. ``client_payload`` (or ``None``) has one row per co
 decentralized node step is the same call with every node as a client and the stacked node state
 as ``client_payload``. ``gossip(w, values)`` mixes stacked node variables over the graph. No
 engine knows which algorithm it serves.
+
+The engine owns the loop it runs: :meth:`AbstractEngine.run` carries a whole run out (the
+in-process and Ray engines run :func:`fedopt.simulation.simulate`, the Flower engine starts Flower's
+ServerApp), and :meth:`AbstractEngine.refuses` says, before any work, why an algorithm cannot run
+on it, so the runner has no engine-specific branch.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fedopt.algorithms.base import Task
 from fedopt.problems.base import AbstractBilevelProblem
+
+if TYPE_CHECKING:
+    from fedopt.network import Network
+    from fedopt.simulation import RunResult
 
 __all__ = ["AbstractEngine"]
 
@@ -38,6 +47,23 @@ class AbstractEngine(ABC):
         as a numpy array). Default: one (sparse) matmul per tensor."""
         del w_numpy
         return tuple(w @ v if w.layout == torch.strided else torch.sparse.mm(w, v) for v in values)
+
+    def refuses(self, algorithm: Any, network: Network | None) -> str | None:
+        """Why this engine cannot run ``algorithm`` (on ``network`` if decentralized); ``None``
+        when it can. Asked when a run is built, so a bad pair fails before any work."""
+        del algorithm, network
+        return None
+
+    def run(self, algorithm: Any, *, network: Network | None = None, **loop: Any) -> RunResult:
+        """Run ``algorithm`` to the end: :func:`fedopt.simulation.simulate` (or
+        :func:`~fedopt.simulation.simulate_decentralized` on ``network``) with this engine and the
+        loop options ``loop`` (``rounds``, ``seed``, ``eval_every``, ``on_iterate``, ``stop_when``,
+        ``checkpoint_every``, ``on_checkpoint``, ``resume``)."""
+        from fedopt.simulation import simulate, simulate_decentralized
+
+        if network is not None:
+            return simulate_decentralized(self.problem, algorithm, self, network, **loop)
+        return simulate(self.problem, algorithm, self, **loop)
 
     def close(self) -> None:  # noqa: B027 - in-process engines hold nothing
         """Release workers and devices."""

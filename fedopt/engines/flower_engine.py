@@ -59,14 +59,25 @@ class FlowerEngine(AbstractEngine):
     def map_clients(self, task, payload, client_payload, clients, keys):
         raise RuntimeError("the flower engine runs whole programs (FlowerEngine.run), not single rounds")
 
-    def run(self, algorithm: Any, *, rounds: int, seed: int, eval_every: int = 1, on_iterate=None):
-        """Run ``algorithm`` for ``rounds`` outer iterations under Flower; returns fedopt's RunResult."""
+    def refuses(self, algorithm: Any, network: Any) -> str | None:
+        from fedopt.algorithms.base import FederatedAlgorithm
+
+        if network is not None or not isinstance(algorithm, FederatedAlgorithm):
+            return "it runs federated algorithms (server and clients); use vmap, local or ray"
+        return None
+
+    def run(self, algorithm: Any, *, network: Any = None, rounds: int, seed: int, eval_every: int = 1,
+            on_iterate=None, **loop: Any):
+        """Run ``algorithm`` for ``rounds`` outer iterations under Flower; returns fedopt's RunResult.
+        ``loop`` (``stop_when``, ``checkpoint_every``, ``on_checkpoint``, ``resume``) goes to the
+        strategy's loop, as on every engine."""
         from flwr.serverapp import ServerApp
         from flwr.simulation import run_simulation
 
+        assert network is None, "refused at build time"
         fl = self.flower
         strategy = fl.FedoptStrategy.for_algorithm(self.problem, algorithm, seed=seed, eval_every=eval_every,
-                                                   timeout=self.timeout, on_iterate=on_iterate)
+                                                   timeout=self.timeout, on_iterate=on_iterate, loop=loop)
         server = ServerApp()
         failure: list[BaseException] = []
         pull_interval = self.pull_interval

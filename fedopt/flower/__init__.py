@@ -165,6 +165,8 @@ class FedoptStrategy(Strategy):
         eval_every: measure the problem's metrics every this many outer iterations.
         timeout: seconds to wait for a round's replies before failing (never hang).
         on_iterate: called with ``k`` after every outer iteration (progress bars).
+        loop: further options of fedopt's loop (:func:`fedopt.simulation.simulate`):
+            ``stop_when``, ``checkpoint_every``, ``on_checkpoint``, ``resume``.
 
     After :meth:`start`, ``self.run_result`` holds fedopt's
     :class:`~fedopt.runner.RunResult` (long-format metrics, counters, final state).
@@ -174,7 +176,7 @@ class FedoptStrategy(Strategy):
 
     def __init__(self, problem: Any, algorithm: FederatedAlgorithm | None = None, *, seed: int = 0,
                  eval_every: int = 1, timeout: float = 60.0, on_iterate: Callable[[int], None] | None = None,
-                 **params: Any) -> None:
+                 loop: dict[str, Any] | None = None, **params: Any) -> None:
         if algorithm is None:
             if self.algorithm_name is None:
                 raise TypeError("FedoptStrategy needs an algorithm (or use a subclass such as FedMBOStrategy)")
@@ -186,6 +188,7 @@ class FedoptStrategy(Strategy):
             raise TypeError(f"unexpected parameters {sorted(params)} next to an algorithm object")
         self.problem, self.algorithm = problem, algorithm
         self.seed, self.eval_every, self.timeout, self.on_iterate = seed, eval_every, timeout, on_iterate
+        self.loop = dict(loop or {})
         self.codec = TaskCodec(problem)
         self.comm_round = 0
         self.node_of: dict[int, int] = {}
@@ -266,7 +269,7 @@ class FedoptStrategy(Strategy):
         ``evaluate_metrics_serverapp[k]`` holds the metrics at outer iteration ``k``; fedopt's own
         :class:`~fedopt.runner.RunResult` is ``self.run_result``.
         """
-        from fedopt.runner import simulate
+        from fedopt.simulation import simulate
 
         del initial_arrays, train_config, evaluate_config, evaluate_fn
         if timeout is not None:
@@ -275,7 +278,7 @@ class FedoptStrategy(Strategy):
         self._map_partitions(grid)
         engine = _GridEngine(self, grid)
         self.run_result = simulate(self.problem, self.algorithm, engine, rounds=num_rounds, seed=self.seed,
-                                   eval_every=self.eval_every, on_iterate=self.on_iterate)
+                                   eval_every=self.eval_every, on_iterate=self.on_iterate, **self.loop)
         result = Result(arrays=ArrayRecord(torch_state_dict={"x": self.run_result.x.detach().cpu(),
                                                              "y": self.run_result.y.detach().cpu()}))
         by_round: dict[int, dict[str, float]] = {}

@@ -56,17 +56,41 @@ diverges while :math:`\beta = \gamma = 0.05`, or ``mixing = "lazy_metropolis"`` 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
-from fedopt.algorithms.base import DecentralizedAlgorithm, LocalStep, NodeIterate, NodeProgram
+from fedopt.algorithms.base import DecentralizedAlgorithm, LocalStep, NodeProgram, Steps
 from fedopt.algorithms.decentralized._common import adaptive_step, gossip_step, node_tasks, tracked_step
+from fedopt.algorithms.parts import moving_average
 from fedopt.errors import check
 from fedopt.problems.base import AbstractBilevelProblem
 from fedopt.registry import ALGORITHMS
 
-__all__ = ["ma_dsbo", "ma_dsbo_gt"]
+__all__ = ["MADSBOState", "ma_dsbo", "ma_dsbo_gt"]
+
+
+class MADSBOState(NamedTuple):
+    """Every node's variables, stacked over the nodes (``[n, ...]``).
+
+    ``x, y, z``: upper variable, lower variable, linear-system solution; ``r``: the moving-average
+    hypergradient direction; ``s_*`` / ``d_y``, ``d_z``, ``r_x``: gradient trackers and the
+    directions they last absorbed (zero without tracking); ``acc_*``: the tuning-free squared
+    accumulators (``[n, 1]``, unused with fixed steps)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    z: torch.Tensor
+    r: torch.Tensor
+    s_y: torch.Tensor
+    d_y: torch.Tensor
+    s_z: torch.Tensor
+    d_z: torch.Tensor
+    s_x: torch.Tensor
+    r_x: torch.Tensor
+    acc_x: torch.Tensor
+    acc_y: torch.Tensor
+    acc_z: torch.Tensor
 
 
 def _check(outer_lr, inner_lr, z_lr, theta, inner_steps, z_steps, batch_size) -> None:
@@ -101,20 +125,20 @@ def ma_dsbo(
     tf = step_rule == "tuning_free"
     check(not (tf and tracking != "none"), "algorithm.params.step_rule = 'tuning_free' needs tracking = 'none'")
 
-    def program(problem: AbstractBilevelProblem, x0: torch.Tensor, y0: torch.Tensor, K: int,
-                key: torch.Tensor, n: int) -> NodeProgram:
-        del key
+    def setup(problem: AbstractBilevelProblem, K: int, key: torch.Tensor, n: int) -> Steps:
+        del K, key
         tasks = node_tasks(problem, batch_size=batch_size, hvp_mode=hvp_mode)
-        X = x0.expand(n, -1).clone()
-        Y = y0.expand(n, -1).clone()
-        Z = torch.zeros_like(Y)
-        R = torch.zeros_like(X)
-        # gradient-tracking state: trackers and the directions they last absorbed
-        Sy, Dy, Sz, Dz, Sx, Rx = (torch.zeros_like(v) for v in (Y, Y, Z, Z, X, X))
-        # tuning-free state: per-node squared accumulators
-        Ax, Ay, Az = (torch.full((n, 1), 1.0 / lr**2, dtype=X.dtype, device=X.device) for lr in (alpha, beta, gamma))
-        yield NodeIterate(0, {"x": X, "y": Y, "z": Z})
-        for k in range(K):
+
+        def init(x0: torch.Tensor, y0: torch.Tensor) -> MADSBOState:
+            X, Y = x0.expand(n, -1).clone(), y0.expand(n, -1).clone()
+            Z, R = torch.zeros_like(Y), torch.zeros_like(X)
+            zeros = (torch.zeros_like(v) for v in (Y, Y, Z, Z, X, X))
+            acc = (torch.full((n, 1), 1.0 / lr**2, dtype=X.dtype, device=X.device) for lr in (alpha, beta, gamma))
+            return MADSBOState(X, Y, Z, R, *zeros, *acc)
+
+        def step(s: MADSBOState, k: int) -> NodeProgram:
+            X, Y, Z, R = s.x, s.y, s.z, s.r
+            Sy, Dy, Sz, Dz, Sx, Rx, Ax, Ay, Az = s.s_y, s.d_y, s.s_z, s.d_z, s.s_x, s.r_x, s.acc_x, s.acc_y, s.acc_z
             for _ in range(T):  # 1. lower level: gossip SGD on y
                 D = yield LocalStep(tasks["lower_grad"], (X, Y))
                 if tf:
@@ -134,7 +158,7 @@ def ma_dsbo(
                 else:
                     Z = yield from gossip_step(Z, D, gamma, "z", order)
             U = yield LocalStep(tasks["hypergrad"], (X, Y, Z))  # 3. local hypergradient estimate
-            R = U if (k == 0 and r_init == "first") else (1 - theta) * R + theta * U  # 4. moving average
+            R = U if (k == 0 and r_init == "first") else moving_average(R, U, theta)  # 4. moving average
             if tf:  # 5. upper level
                 X, Ax = yield from adaptive_step(X, Ax, R, "x", order)
             elif track_x:
@@ -142,9 +166,11 @@ def ma_dsbo(
                 Rx = R
             else:
                 X = yield from gossip_step(X, R, alpha, "x", order)
-            yield NodeIterate(k + 1, {"x": X, "y": Y, "z": Z})
+            return MADSBOState(X, Y, Z, R, Sy, Dy, Sz, Dz, Sx, Rx, Ax, Ay, Az)
 
-    return DecentralizedAlgorithm("ma_dsbo" if tracking == "none" else "ma_dsbo_gt", program)
+        return Steps(init, step, variables=lambda s: {"x": s.x, "y": s.y, "z": s.z})
+
+    return DecentralizedAlgorithm("ma_dsbo" if tracking == "none" else "ma_dsbo_gt", setup)
 
 
 @ALGORITHMS.register("ma_dsbo_gt")

@@ -80,18 +80,20 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
 from fedopt import random as rnd
-from fedopt.algorithms.base import FederatedAlgorithm, Iterate, Program, Round
+from fedopt.algorithms.base import FederatedAlgorithm, Program, Round, Steps
+from fedopt.algorithms.parts import fixed_step, tuning_free_step
+from fedopt.algorithms.parts import step_rule as make_rule
 from fedopt.algorithms.federated._tasks import BilevelTasks, bilevel_tasks
 from fedopt.errors import check
 from fedopt.problems.base import AbstractBilevelProblem
 from fedopt.registry import ALGORITHMS
 
-__all__ = ["fedmbo", "neumann_vector", "phe"]
+__all__ = ["FedMBOState", "fedmbo", "neumann_vector", "phe"]
 
 
 def neumann_vector(
@@ -158,24 +160,32 @@ def phe(tasks: BilevelTasks, x: torch.Tensor, y: torch.Tensor, *, n: int, replac
 
 
 def _phe_tuning_free(tasks: BilevelTasks, x: torch.Tensor, y: torch.Tensor, *, n: int, Q: int, replace: bool,
-                     acc: dict[str, torch.Tensor], restart: torch.Tensor | None) -> Program:
-    """PHE's chain as adaptive gradient descent on R(p) from p = 0 (see ``step_rule``); updates
-    ``acc["p"]`` in place (first reset to ``restart`` unless None) and returns the hypergradient
-    estimate."""
-    if restart is not None:
-        acc["p"] = restart
+                     acc_p: torch.Tensor) -> Program:
+    """PHE's chain as adaptive gradient descent on R(p) from p = 0 (see ``step_rule``), with the
+    chain's accumulator ``acc_p``: ``h, acc_p = yield from _phe_tuning_free(...)``."""
+    chain = tuning_free_step(1.0)  # its accumulator is acc_p, started by the caller
     r0 = yield Round(tasks.outer_grads, (x, y), n, replace=replace)
     grads_y, grads_x = r0.values
     b, g_x = grads_y.mean(0), grads_x.mean(0)
-    d = -b  # grad R(0)
-    acc["p"] = acc["p"] + d.square().sum()
-    p = -d * acc["p"].rsqrt()
+    p, acc_p = chain.update(torch.zeros_like(b), -b, acc_p)  # grad R(0) = -b
     for _ in range(1, Q):
         d = (yield Round(tasks.hvp, (x, y, p), n, replace=replace)).mean() - b
-        acc["p"] = acc["p"] + d.square().sum()
-        p = p - d * acc["p"].rsqrt()
+        p, acc_p = chain.update(p, d, acc_p)
     w = (yield Round(tasks.cross, (x, y, p), n, replace=replace)).mean()
-    return g_x - w
+    return g_x - w, acc_p
+
+
+class FedMBOState(NamedTuple):
+    """FedMBO's server state after outer iteration :math:`k`.
+
+    ``acc_x``, ``acc_y``, ``acc_p``: the tuning-free accumulators :math:`c^2` of :math:`x`, of the
+    lower level and of the Neumann chain (``None`` under ``step_rule="fixed"``)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    acc_x: torch.Tensor | None = None
+    acc_y: torch.Tensor | None = None
+    acc_p: torch.Tensor | None = None
 
 
 @ALGORITHMS.register("fedmbo")
@@ -211,31 +221,34 @@ def fedmbo(
               "algorithm.params.step_rule = 'tuning_free' needs chains = 'single', truncation = 'full' and "
               "outer_lr_scaling = 'constant'")
 
-    def program(problem: AbstractBilevelProblem, x: torch.Tensor, y: torch.Tensor, K: int,
-                key: torch.Tensor) -> Program:
+    rule_x, rule_y, rule_p = (make_rule(step_rule, lr) for lr in (alpha, beta, eta))
+
+    def setup(problem: AbstractBilevelProblem, K: int, key: torch.Tensor) -> Steps:
         tasks = bilevel_tasks(problem, batch_size=batch_size, neumann_lr=eta, hvp_mode=hvp_mode)
-        step = alpha * (math.sqrt(n / K) if outer_lr_scaling == "theory" else 1.0)
-        acc = {name: torch.tensor(1.0 / lr**2, dtype=x.dtype, device=x.device)
-               for name, lr in (("x", alpha), ("y", beta), ("p", eta))}
-        p_restart = acc["p"]
-        yield Iterate(0, x, y)
-        for k in range(K):
-            if not warm_start:
-                y = torch.zeros_like(y)
+        if outer_lr_scaling == "theory":  # alpha sqrt(n/K): the outer step as a fixed rule
+            rule_x_k = fixed_step(alpha * math.sqrt(n / K))
+        else:
+            rule_x_k = rule_x
+
+        def init(x0: torch.Tensor, y0: torch.Tensor) -> FedMBOState:
+            return FedMBOState(x0, y0, rule_x.init(x0), rule_y.init(x0), rule_p.init(x0))
+
+        def step(s: FedMBOState, k: int) -> Program:
+            x, y, acc_y = s.x, (s.y if warm_start else torch.zeros_like(s.y)), s.acc_y
             for _ in range(T):  # lower level: federated minibatch SGD, fresh clients each round
                 d = (yield Round(tasks.grad_y_inner, (x, y), n, replace=replace)).mean()
-                if tf:
-                    acc["y"] = acc["y"] + d.square().sum()
-                y = y - (d * acc["y"].rsqrt() if tf else beta * d)
+                y, acc_y = rule_y.update(y, d, acc_y)
+            acc_p = s.acc_p
             if tf:
-                h = yield from _phe_tuning_free(tasks, x, y, n=n, Q=Q, replace=replace, acc=acc,
-                                                restart=p_restart if chain_accumulator == "cold" else None)
-                acc["x"] = acc["x"] + h.square().sum()
-                x = x - h * acc["x"].rsqrt()
+                h, acc_p = yield from _phe_tuning_free(
+                    tasks, x, y, n=n, Q=Q, replace=replace,
+                    acc_p=rule_p.init(x) if chain_accumulator == "cold" else acc_p)
             else:
                 h = yield from phe(tasks, x, y, n=n, Q=Q, eta=eta, truncation=truncation,
                                    chains=chains, replace=replace, key=rnd.fold_in(key, k))
-                x = x - step * h
-            yield Iterate(k + 1, x, y)
+            x, acc_x = rule_x_k.update(x, h, s.acc_x)
+            return FedMBOState(x, y, acc_x, acc_y, acc_p)
 
-    return FederatedAlgorithm("fedmbo", clients_per_round, replace, program)
+        return Steps(init, step)
+
+    return FederatedAlgorithm("fedmbo", clients_per_round, replace, setup)
