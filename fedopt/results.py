@@ -1,9 +1,18 @@
 """Run folders: what a run writes and how.
 
 ``DIR/config.toml`` (the resolved config), ``DIR/metrics.csv`` (long format: ``round, comm_round,
-metric, value``), ``DIR/meta.json`` (versions, seed, wall time, status: running / finished /
-diverged / failed) and ``DIR/convergence.png``. Every file is written atomically (temporary file,
-then rename), and a run never writes into a folder that already exists.
+metric, value``), ``DIR/meta.json`` (versions, seed, wall time, status), ``DIR/convergence.png`` and,
+while the run is not over, ``DIR/checkpoint.pt`` (:func:`write_checkpoint`). Every file is written
+atomically (temporary file, then rename), and a new run never writes into a folder that already
+exists; ``fedopt run --resume DIR`` continues the run of an existing folder from its checkpoint.
+
+Status values in ``meta.json``:
+
+* ``running``: the run has started and not ended; if no process is running it, it was killed
+  (``fedopt run --resume DIR`` continues it from its last checkpoint);
+* ``finished``: all outer iterations ran, or ``stop_when`` ended the run;
+* ``diverged``: a metric or the state became NaN/inf (``diverged_round`` says when);
+* ``failed``: an exception ended the run (``error`` and ``traceback`` say which).
 """
 
 from __future__ import annotations
@@ -24,7 +33,10 @@ import tomli_w
 from fedopt.config import RunConfig
 from fedopt.errors import ConfigError
 
-__all__ = ["atomic_write", "claim_folder", "versions", "write_config", "write_meta"]
+__all__ = ["CHECKPOINT", "atomic_write", "claim_folder", "read_checkpoint", "versions", "write_checkpoint", "write_config",
+           "write_meta"]
+
+CHECKPOINT = "checkpoint.pt"
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
@@ -81,3 +93,37 @@ def write_meta(out: Path, cfg: RunConfig, **fields: Any) -> None:
         **fields,
     }
     atomic_write(out / "meta.json", json.dumps(meta, indent=2, default=str) + "\n")
+
+
+def write_checkpoint(path: Path, checkpoint: Any) -> None:
+    """Write a :class:`fedopt.simulation.Checkpoint` atomically: the state's fields, the counters and
+    the records so far (plain tensors, numbers and strings: loadable with ``weights_only=True``)."""
+    import dataclasses
+    import io
+
+    import torch
+
+    state = checkpoint.state
+    fields = state._asdict() if hasattr(state, "_asdict") else dict(state)
+    payload = {"format": 1, "k": checkpoint.k, "state": fields, "state_type": type(state).__name__,
+               "counters": dataclasses.asdict(checkpoint.counters), "records": list(checkpoint.records)}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write(path, buf.getvalue())
+
+
+def read_checkpoint(path: Path, device: Any = "cpu") -> Any:
+    """The :class:`fedopt.simulation.Checkpoint` written by :func:`write_checkpoint` (its ``state`` a
+    mapping of fields, rebuilt into the algorithm's state type on resume)."""
+    import torch
+
+    from fedopt.simulation import Checkpoint, Counters
+
+    try:
+        payload = torch.load(path, map_location=device, weights_only=True)
+        counters = Counters(**payload["counters"])
+        return Checkpoint(int(payload["k"]), dict(payload["state"]), counters,
+                          [tuple(r) for r in payload["records"]])
+    except Exception as e:  # noqa: BLE001 - a damaged file is bad input
+        raise ConfigError(f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}); "
+                          "delete it to restart the run from the beginning") from None
