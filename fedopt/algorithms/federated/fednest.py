@@ -30,20 +30,29 @@ is :math:`\tau_y` and ``outer_local_steps`` is :math:`\tau_x`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
 from fedopt import linsolve, oracles
 from fedopt import random as rnd
-from fedopt.algorithms.base import FederatedAlgorithm, Iterate, Program, Round, Task
+from fedopt.algorithms.base import FederatedAlgorithm, Program, Round, Steps, Task
 from fedopt.algorithms.federated._tasks import bilevel_tasks
 from fedopt.algorithms.federated.fedmbo import neumann_vector
 from fedopt.errors import check
 from fedopt.problems.base import AbstractBilevelProblem
 from fedopt.registry import ALGORITHMS
 
-__all__ = ["fednest", "lfednest"]
+__all__ = ["FedNestState", "fednest", "lfednest"]
+
+
+class FedNestState(NamedTuple):
+    r"""The server state of FedNest and LFedNest after outer iteration :math:`k`: the upper variable
+    :math:`x` and the lower variable :math:`y`. Nothing else carries over: FedInn's control average
+    :math:`q`, FedIHGP's :math:`p_{N'}` and FedOut's :math:`h` are recomputed every iteration."""
+
+    x: torch.Tensor
+    y: torch.Tensor
 
 
 def _check_common(outer_lr, inner_lr, neumann_lr, neumann_terms, inner_steps, clients_per_round,
@@ -145,14 +154,17 @@ def fednest(
                   batch_size, inner_local_steps, outer_local_steps)
     n, T = clients_per_round, inner_steps
 
-    def program(problem: AbstractBilevelProblem, x: torch.Tensor, y: torch.Tensor, K: int,
-                key: torch.Tensor) -> Program:
+    def setup(problem: AbstractBilevelProblem, K: int, key: torch.Tensor) -> Steps:
         tasks = bilevel_tasks(problem, batch_size=batch_size, neumann_lr=neumann_lr, hvp_mode=hvp_mode)
         local = _local_tasks(problem, batch_size=batch_size, inner_lr=inner_lr, outer_lr=outer_lr,
                              neumann_lr=neumann_lr, neumann_terms=neumann_terms,
                              tau_y=inner_local_steps, tau_x=outer_local_steps, hvp_mode=hvp_mode)
-        yield Iterate(0, x, y)
-        for k in range(K):
+
+        def init(x0: torch.Tensor, y0: torch.Tensor) -> FedNestState:
+            return FedNestState(x0, y0)
+
+        def step(s: FedNestState, k: int) -> Program:
+            x, y = s
             for _ in range(T):  # FedInn: two rounds with the same cohort S
                 r = yield Round(tasks.grad_y_inner, (x, y), n, replace=replace)
                 y = (yield Round(local["svrg_inner"], (x, y, r.mean()), r.clients)).mean()
@@ -167,9 +179,11 @@ def fednest(
                 x = x - outer_lr * h
             else:
                 x = (yield Round(local["svrg_outer"], (x, y, p, h), r.clients)).mean()
-            yield Iterate(k + 1, x, y)
+            return FedNestState(x, y)
 
-    return FederatedAlgorithm("fednest", clients_per_round, replace, program)
+        return Steps(init, step)
+
+    return FederatedAlgorithm("fednest", clients_per_round, replace, setup)
 
 
 @ALGORITHMS.register("lfednest")
@@ -192,17 +206,22 @@ def lfednest(
                   batch_size, inner_local_steps, outer_local_steps)
     n, T = clients_per_round, inner_steps
 
-    def program(problem: AbstractBilevelProblem, x: torch.Tensor, y: torch.Tensor, K: int,
-                key: torch.Tensor) -> Program:
+    def setup(problem: AbstractBilevelProblem, K: int, key: torch.Tensor) -> Steps:
         del key
         local = _local_tasks(problem, batch_size=batch_size, inner_lr=inner_lr, outer_lr=outer_lr,
                              neumann_lr=neumann_lr, neumann_terms=neumann_terms,
                              tau_y=inner_local_steps, tau_x=outer_local_steps, hvp_mode=hvp_mode)
-        yield Iterate(0, x, y)
-        for k in range(K):
+
+        def init(x0: torch.Tensor, y0: torch.Tensor) -> FedNestState:
+            return FedNestState(x0, y0)
+
+        def step(s: FedNestState, k: int) -> Program:
+            x, y = s
             for _ in range(T):
                 y = (yield Round(local["sgd_inner"], (x, y), n, replace=replace)).mean()
             x = (yield Round(local["local_outer"], (x, y), n, replace=replace)).mean()
-            yield Iterate(k + 1, x, y)
+            return FedNestState(x, y)
 
-    return FederatedAlgorithm("lfednest", clients_per_round, replace, program)
+        return Steps(init, step)
+
+    return FederatedAlgorithm("lfednest", clients_per_round, replace, setup)

@@ -79,19 +79,56 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
-from fedopt.algorithms.base import FederatedAlgorithm, Iterate, Program, Round
+from fedopt.algorithms.base import FederatedAlgorithm, Program, Round, Steps
 from fedopt.algorithms.federated._minimax_tasks import LocalGDA, grad_task, local_gda_task
 from fedopt.errors import ConfigError, check
 from fedopt.problems.base import AbstractMinimaxProblem
 from fedopt.registry import ALGORITHMS
 
-__all__ = ["fed_norm_sgda", "fess_gda", "local_sgda", "local_sgda_plus", "sagda"]
+__all__ = ["FESSGDAState", "FedNormSGDAState", "LocalSGDAState", "SAGDAState", "fed_norm_sgda", "fess_gda",
+           "local_sgda", "local_sgda_plus", "sagda"]
 
 _P = "algorithm.params"
+
+
+class FESSGDAState(NamedTuple):
+    r"""FESS-GDA's server state after round :math:`t`: :math:`x_t`, :math:`y_t` and the smoothing
+    anchor :math:`z_t` (:math:`z_0 = x_0`)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    z: torch.Tensor
+
+
+class LocalSGDAState(NamedTuple):
+    r"""Local SGDA(+)'s server state after round :math:`t`: :math:`x_t`, :math:`y_t` and, for Local
+    SGDA+, the snapshot :math:`\tilde x` at which the ascent gradients are taken (``None`` for Local
+    SGDA)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    x_snap: torch.Tensor | None = None
+
+
+class SAGDAState(NamedTuple):
+    r"""SAGDA's server state after round :math:`t`: :math:`x_t` and :math:`y_t` (the control variates
+    :math:`c_i` and :math:`v` are collected afresh every round)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+class FedNormSGDAState(NamedTuple):
+    r"""Fed-Norm-SGDA(+)'s server state after round :math:`t`: :math:`x_t`, :math:`y_t` and, for
+    Fed-Norm-SGDA+, the snapshot :math:`\tilde x` (``None`` without snapshots)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    x_snap: torch.Tensor | None = None
 
 
 def _require_minimax(problem: object, name: str) -> AbstractMinimaxProblem:
@@ -100,6 +137,12 @@ def _require_minimax(problem: object, name: str) -> AbstractMinimaxProblem:
                           "(use a minimax problem such as nc_sc, nc_pl, pl_pl, nc_c, simplex_minimax, "
                           "fair_classification, gan_mixture)")
     return problem
+
+
+def _snapshot(s: LocalSGDAState | FedNormSGDAState, t: int, every: int) -> torch.Tensor | None:
+    r"""The snapshot :math:`\tilde x` used in round :math:`t`: refreshed to :math:`x_t` every ``every``
+    rounds (``every = 0``: no snapshot, ``None``)."""
+    return s.x if every and t % every == 0 else s.x_snap
 
 
 def _check_steps(**steps: float) -> None:
@@ -138,7 +181,7 @@ def fess_gda(
     check(0 < beta <= 1, f"{_P}.beta must be in (0, 1], got {beta}")
     K, m = local_steps, clients_per_round
 
-    def program(problem, x: torch.Tensor, y: torch.Tensor, T: int, key: torch.Tensor) -> Program:
+    def setup(problem, T: int, key: torch.Tensor) -> Steps:
         del key
         problem = _require_minimax(problem, "fess_gda")
         p_ = p
@@ -151,36 +194,43 @@ def fess_gda(
                        client_smoothing=p_ if smoothing == "client" else 0.0, project_local=local_projection)
         task = local_gda_task(problem, opt)
         server_p = p_ if smoothing == "server" else 0.0
-        z = x
-        yield Iterate(0, x, y)
-        for t in range(T):
+
+        def init(x0: torch.Tensor, y0: torch.Tensor) -> FESSGDAState:
+            return FESSGDAState(x0, y0, x0)  # z_0 = x_0
+
+        def step(s: FESSGDAState, t: int) -> Program:
+            x, y, z = s
             payload = {"x": x, "y": y, "z": z} if smoothing == "client" and p_ else {"x": x, "y": y}
             x_bar, y_bar = (yield Round(task, payload, m, replace=replace)).mean()
             x_next = x + lr_x_global * (x_bar - x) - lr_x * lr_x_global * K * server_p * (x - z)
-            y = problem.y_set.project(y + lr_y_global * (y_bar - y))
-            x = x_next
-            z = z + beta * (x - z)
-            yield Iterate(t + 1, x, y)
+            y_next = problem.y_set.project(y + lr_y_global * (y_bar - y))
+            z_next = z + beta * (x_next - z)
+            return FESSGDAState(x_next, y_next, z_next)
 
-    return FederatedAlgorithm("fess_gda", clients_per_round, replace, program, "minimax")
+        return Steps(init, step)
+
+    return FederatedAlgorithm("fess_gda", clients_per_round, replace, setup, "minimax")
 
 
-def _local_sgda_program(name: str, opt: LocalGDA, m: int, replace: bool, snapshot_every: int):
-    def program(problem, x: torch.Tensor, y: torch.Tensor, T: int, key: torch.Tensor) -> Program:
+def _local_sgda_setup(name: str, opt: LocalGDA, m: int, replace: bool, snapshot_every: int):
+    def setup(problem, T: int, key: torch.Tensor) -> Steps:
         del key
         problem = _require_minimax(problem, name)
         task = local_gda_task(problem, opt)
-        x_snap = x
-        yield Iterate(0, x, y)
-        for t in range(T):
-            if snapshot_every and t % snapshot_every == 0:
-                x_snap = x
+
+        def init(x0: torch.Tensor, y0: torch.Tensor) -> LocalSGDAState:
+            return LocalSGDAState(x0, y0, x0 if snapshot_every else None)
+
+        def step(s: LocalSGDAState, t: int) -> Program:
+            x, y, x_snap = s.x, s.y, _snapshot(s, t, snapshot_every)
             payload = {"x": x, "y": y, "x_snap": x_snap} if snapshot_every else {"x": x, "y": y}
             x, y = (yield Round(task, payload, m, replace=replace)).mean()
             y = problem.y_set.project(y)  # the average of points of a convex Y is in Y; rounding only
-            yield Iterate(t + 1, x, y)
+            return LocalSGDAState(x, y, x_snap)
 
-    return program
+        return Steps(init, step)
+
+    return setup
 
 
 @ALGORITHMS.register("local_sgda")
@@ -200,7 +250,7 @@ def local_sgda(
     _check_common(lr_x, lr_y, local_steps, clients_per_round, batch_size)
     opt = LocalGDA(local_steps, lr_x, lr_y, batch_size, order=order, project_local=local_projection)
     return FederatedAlgorithm("local_sgda", clients_per_round, replace,
-                              _local_sgda_program("local_sgda", opt, clients_per_round, replace, 0), "minimax")
+                              _local_sgda_setup("local_sgda", opt, clients_per_round, replace, 0), "minimax")
 
 
 @ALGORITHMS.register("local_sgda_plus")
@@ -222,7 +272,7 @@ def local_sgda_plus(
     check(snapshot_every >= 1, f"{_P}.snapshot_every must be >= 1, got {snapshot_every}")
     opt = LocalGDA(local_steps, lr_x, lr_y, batch_size, order=order, snapshot=True)
     return FederatedAlgorithm("local_sgda_plus", clients_per_round, replace,
-                              _local_sgda_program("local_sgda_plus", opt, clients_per_round, replace, snapshot_every), "minimax")
+                              _local_sgda_setup("local_sgda_plus", opt, clients_per_round, replace, snapshot_every), "minimax")
 
 
 @ALGORITHMS.register("sagda")
@@ -250,21 +300,27 @@ def sagda(
     opt = LocalGDA(local_steps, lr_x, lr_y, batch_size, control=True, project_local=local_projection)
     m = clients_per_round
 
-    def program(problem, x: torch.Tensor, y: torch.Tensor, T: int, key: torch.Tensor) -> Program:
+    def setup(problem, T: int, key: torch.Tensor) -> Steps:
         del key
         problem = _require_minimax(problem, "sagda")
         control, local = grad_task(problem, batch_size), local_gda_task(problem, opt)
-        yield Iterate(0, x, y)
-        for t in range(T):
+
+        def init(x0: torch.Tensor, y0: torch.Tensor) -> SAGDAState:
+            return SAGDAState(x0, y0)
+
+        def step(s: SAGDAState, t: int) -> Program:
+            x, y = s
             r = yield Round(control, (x, y), m, replace=replace)
             v_x, v_y = r.mean()
             x_bar, y_bar = (yield Round(local, {"x": x, "y": y, "v_x": v_x, "v_y": v_y}, r.clients,
                                         client_payload=r.values)).mean()
             x = x + lr_x_global * (x_bar - x)
             y = problem.y_set.project(y + lr_y_global * (y_bar - y))
-            yield Iterate(t + 1, x, y)
+            return SAGDAState(x, y)
 
-    return FederatedAlgorithm("sagda", clients_per_round, replace, program, "minimax")
+        return Steps(init, step)
+
+    return FederatedAlgorithm("sagda", clients_per_round, replace, setup, "minimax")
 
 
 @ALGORITHMS.register("fed_norm_sgda")
@@ -297,19 +353,22 @@ def fed_norm_sgda(
                    reply="normalized", project_local=local_projection)
     m = clients_per_round
 
-    def program(problem, x: torch.Tensor, y: torch.Tensor, T: int, key: torch.Tensor) -> Program:
+    def setup(problem, T: int, key: torch.Tensor) -> Steps:
         del key
         problem = _require_minimax(problem, "fed_norm_sgda")
         task = local_gda_task(problem, opt)
-        x_snap = x
-        yield Iterate(0, x, y)
-        for t in range(T):
-            if snapshot_every and t % snapshot_every == 0:
-                x_snap = x
+
+        def init(x0: torch.Tensor, y0: torch.Tensor) -> FedNormSGDAState:
+            return FedNormSGDAState(x0, y0, x0 if snapshot_every else None)
+
+        def step(s: FedNormSGDAState, t: int) -> Program:
+            x, y, x_snap = s.x, s.y, _snapshot(s, t, snapshot_every)
             payload = {"x": x, "y": y, "x_snap": x_snap} if snapshot_every else {"x": x, "y": y}
             h_x, h_y, tau = (yield Round(task, payload, m, replace=replace)).mean()
             x = x - tau * lr_x_global * lr_x * h_x
             y = problem.y_set.project(y + tau * lr_y_global * lr_y * h_y)
-            yield Iterate(t + 1, x, y)
+            return FedNormSGDAState(x, y, x_snap)
 
-    return FederatedAlgorithm("fed_norm_sgda", clients_per_round, replace, program, "minimax")
+        return Steps(init, step)
+
+    return FederatedAlgorithm("fed_norm_sgda", clients_per_round, replace, setup, "minimax")
