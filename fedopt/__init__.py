@@ -5,7 +5,7 @@
 """
 
 from fedopt import algorithms, data, engines, linsolve, oracles, problems, random
-from fedopt.api import run
+from fedopt.api import resume, run
 from fedopt.config import RunConfig, load_config
 from fedopt.errors import ConfigError
 
@@ -22,5 +22,6 @@ __all__ = [
     "oracles",
     "problems",
     "random",
+    "resume",
     "run",
 ]

@@ -1,7 +1,9 @@
 """The ``fedopt`` command.
 
 ``fedopt run CONFIG [--set key=value ...] [--out DIR] [--quiet]`` runs one config and writes a run
-folder. Exit codes: 0 finished; 2 bad input (config, values, files, arguments: one line
+folder, with a checkpoint every ``checkpoint_every`` outer iterations (config key; default about a
+tenth of the run); ``fedopt run --resume DIR`` continues a killed run from its checkpoint, to the
+same numbers as an uninterrupted run. Exit codes: 0 finished; 2 bad input (config, values, files, arguments: one line
 ``fedopt: error: ...`` on stderr, nothing written); 3 the run diverged (NaN/inf; the folder records
 the round); 130 interrupted.
 
@@ -16,6 +18,13 @@ run failed (listed; rerun to retry them); 2 bad input before any run; 130 interr
 
 ``fedopt topology show NAME --n N [--set k=v] [--mixing RULE] [--draw FILE.png]`` prints a
 topology's nodes, edges, degree range and spectral gap.
+
+Plug-ins: a component or topology named ``"my_module:factory"`` is imported from the config file's
+folder and then the current folder (``run``; for ``sweep``: the sweep file's folder, its base
+config's folder, the current folder; for ``topology show``: the current folder), which go to the
+front of ``sys.path`` first, so no ``PYTHONPATH`` is needed; :func:`fedopt.run` does the same for a
+path. Sweep workers get the same folders. Resolving a plug-in runs its code: a config or sweep file
+is trusted input. A broken plug-in is one error line, exit code 2.
 """
 
 from __future__ import annotations
@@ -47,10 +56,18 @@ def _default_out(config: str) -> Path:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from fedopt.api import run
+    from fedopt.api import resume, run
 
-    out = Path(args.out) if args.out else _default_out(args.config)
-    df = run(args.config, out=out, overrides=args.set, progress=not args.quiet)
+    if args.resume is not None:
+        if args.config is not None or args.set or args.out:
+            raise ConfigError("--resume DIR takes no CONFIG, --set or --out: the folder's config.toml is the config")
+        out = Path(args.resume)
+        df = resume(out, progress=not args.quiet)
+    else:
+        if args.config is None:
+            raise ConfigError("fedopt run needs a CONFIG file, or --resume DIR to continue a run folder")
+        out = Path(args.out) if args.out else _default_out(args.config)
+        df = run(args.config, out=out, overrides=args.set, progress=not args.quiet)
     status = df.attrs["status"]
     last = df[df["round"] == df["round"].max()]
     shown = {m: v for m, v in zip(last.metric, last.value)
@@ -66,7 +83,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from fedopt.sweep import check_executor, load_sweep, run_sweep
 
     check_executor(args.executor, args.address)
-    sweep = load_sweep(args.sweep)
+    sweep = load_sweep(args.sweep)  # plug-ins: the sweep's, its base config's and the current folder
     out = Path(args.out) if args.out else Path("sweeps") / Path(args.sweep).stem
     dup = f" ({sweep.duplicates} duplicate points dropped)" if sweep.duplicates else ""
     if not args.quiet:
@@ -103,6 +120,7 @@ def _cmd_topology_show(args: argparse.Namespace) -> int:
     from fedopt.config import _parse_value
     from fedopt.errors import check
     from fedopt.network import build_network
+    from topologies.plugins import plugin_path
 
     params = {}
     for item in args.set:
@@ -110,7 +128,8 @@ def _cmd_topology_show(args: argparse.Namespace) -> int:
         k, v = item.split("=", 1)
         params[k.strip()] = _parse_value(v.strip())
     check(args.n >= 1, f"--n must be >= 1, got {args.n}")
-    net = build_network(args.name, args.n, seed=args.seed, params=params, mixing=args.mixing)
+    with plugin_path(Path.cwd()):
+        net = build_network(args.name, args.n, seed=args.seed, params=params, mixing=args.mixing)
     g = net.graph
     degrees = [d for _, d in g.degree]
     gap = net.spectral_gap()
@@ -130,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     p = sub.add_parser("run", help="run one config and write a run folder")
-    p.add_argument("config", help="a TOML run config (see experiments/configs/)")
+    p.add_argument("config", nargs="?", help="a TOML run config (see experiments/configs/)")
+    p.add_argument("--resume", metavar="DIR", default=None,
+                   help="continue the killed run of folder DIR from its last checkpoint")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set algorithm.params.outer_lr=0.05 (repeatable)")
     p.add_argument("--out", help="a new folder for the outputs (default: runs/<config>-<time>)")

@@ -11,6 +11,8 @@ A run config is a TOML document (or the equivalent dict):
     dtype = "float64"   # or "float32"
     device = "cpu"      # or "cuda", "cuda:1"
     threads = 1         # torch intra-op threads (default 0: torch's choice); 1 is fastest for tiny models
+    checkpoint_every = 20  # a run folder's checkpoint every 20 outer iterations (default: about
+                           # every tenth of the run; 0: never); it does not change any number
 
     [problem]           # a component: a registry name and keyword parameters
     name = "hyper_cleaning"
@@ -49,8 +51,10 @@ from typing import Any, Literal
 
 from fedopt.errors import ConfigError, check
 from fedopt.registry import ALGORITHMS, DATASETS, ENGINES, PARTITIONERS, PROBLEMS, Registry
+from topologies.plugins import describe
 
-__all__ = ["Component", "DataConfig", "RunConfig", "TopologyConfig", "apply_overrides", "load_config", "parse_config"]
+__all__ = ["Component", "DataConfig", "RunConfig", "TopologyConfig", "apply_overrides", "load_config", "parse_config",
+           "plugin_folders"]
 
 _DTYPES = ("float32", "float64")
 
@@ -99,11 +103,19 @@ class RunConfig:
     dtype: Literal["float32", "float64"] = "float64"
     device: str = "cpu"
     threads: int = 0  # torch intra-op threads for the run (0: torch's default); restored afterwards
+    checkpoint_every: int | None = None  # outer iterations between checkpoints (None: auto, 0: never)
+
+    def checkpoint_interval(self) -> int:
+        """Outer iterations between a run folder's checkpoints: ``checkpoint_every``, or by default
+        about a tenth of the run (0: never)."""
+        if self.checkpoint_every is not None:
+            return self.checkpoint_every
+        return max(1, -(-self.rounds // 10))
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain data (what ``config.toml`` holds); drops empty tables."""
         d = asdict(self)
-        for k in ("data", "partition", "topology"):
+        for k in ("data", "partition", "topology", "checkpoint_every"):
             if d[k] is None:
                 del d[k]
         if "topology" in d:
@@ -161,7 +173,12 @@ def check_params(fn: Callable[..., Any], params: Mapping[str, Any], where: str, 
     """Validate ``params`` against ``fn``'s keyword-only parameters; return them type-coerced."""
     check(isinstance(params, Mapping), f"{where} must be a table of parameters, got {params!r}")
     sig = inspect.signature(fn)
-    hints = typing.get_type_hints(fn)
+    try:
+        hints = typing.get_type_hints(fn)
+    except TypeError:  # a callable object without annotations of its own: values go unchecked
+        hints = {}
+    except Exception as e:  # noqa: BLE001 -- a plug-in's annotations may name anything
+        raise ConfigError(f"{label}: cannot read the type annotations of its factory ({describe(e)})") from None
     allowed = {n: p for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
     out = {}
     for k, v in params.items():
@@ -190,7 +207,7 @@ def _component(raw: Any, key: str, registry: Registry[Any], extra: tuple[str, ..
 
 _TOP = {
     "problem", "algorithm", "data", "partition", "engine", "topology", "clients", "rounds", "eval_every", "seed",
-    "dtype", "device", "threads",
+    "dtype", "device", "threads", "checkpoint_every",
 }
 
 
@@ -208,6 +225,11 @@ def _topology(raw: Any, clients: int | None) -> tuple[TopologyConfig, int | None
     check(isinstance(name, str) and name != "",
           f"topology.name must be a graph name; available: {', '.join(topologies.topology_names())}, edgelist, matrix, "
           "or 'package.module:function'")
+    if name != "matrix":  # resolve a plug-in graph now, so a broken one fails before any run
+        try:
+            topologies.get_topology(name)
+        except topologies.TopologyError as e:
+            raise ConfigError(str(e)) from None
     params = raw.get("params", {})
     check(isinstance(params, Mapping), f"topology.params must be a table, got {params!r}")
     mixing = raw.get("mixing", "metropolis_hastings")
@@ -275,6 +297,7 @@ def parse_config(raw: Mapping[str, Any]) -> RunConfig:
         dtype=dtype,
         device=device,
         threads=integer("threads", 0, 0),
+        checkpoint_every=integer("checkpoint_every", 0, 0) if "checkpoint_every" in raw else None,
     )
 
 
@@ -335,3 +358,11 @@ def load_config(source: str | Path | Mapping[str, Any] | RunConfig, overrides: l
         source = source.to_dict()
     raw = load_raw(source) if isinstance(source, str | Path) else dict(source)
     return parse_config(apply_overrides(raw, overrides or []))
+
+
+def plugin_folders(*files: str | Path) -> list[Path]:
+    """Where plug-ins (``"my_module:factory"``) named in config or sweep ``files`` are imported
+    from: each file's folder (absolute, in order), then the current folder. ``fedopt run``,
+    ``fedopt sweep``, :func:`fedopt.run` and :func:`fedopt.sweep.load_sweep` put these at the front
+    of ``sys.path`` (:func:`topologies.plugins.plugin_path`) while they resolve and run a config."""
+    return list(dict.fromkeys([*(Path(f).resolve().parent for f in files), Path.cwd()]))

@@ -18,7 +18,9 @@ Any config key can be an axis (a dotted path; a table value replaces the whole t
 is resolved and validated before any run starts, so a bad axis is one error line and nothing runs.
 
 A run's identity is a hash of its *resolved* config (:func:`run_id`), so the same run reached by two
-points is run once, and re-running a sweep skips every run that already finished or diverged and
+points is run once, and re-running a sweep skips every run that already finished or diverged,
+continues every half-finished run from its checkpoint (``checkpoints/<run_id>.pt``, written every
+``checkpoint_every`` outer iterations and deleted when the run is over; bit-identical results), and
 re-runs failed ones. The output folder holds ``sweep.toml`` (the spec), ``runs/<run_id>/``
 (``config.toml``, ``metrics.csv``, ``meta.json``; each folder appears only once its run is over,
 by an atomic rename, so a killed sweep leaves no half-written run) and ``results.csv``: one row per
@@ -47,8 +49,9 @@ from pathlib import Path
 from typing import Any
 
 from fedopt import results
-from fedopt.config import RunConfig, load_raw, parse_config, set_path
+from fedopt.config import RunConfig, load_raw, parse_config, plugin_folders, set_path
 from fedopt.errors import ConfigError, check
+from topologies.plugins import active_paths, plugin_path
 
 __all__ = ["EXECUTORS", "Point", "Sweep", "load_sweep", "run_id", "run_sweep"]
 
@@ -72,11 +75,15 @@ class Sweep:
     points: list[Point]
     threads: int = 1
     duplicates: int = 0  # points whose resolved config another point already has
+    plugin_paths: tuple[str, ...] = ()  # folders plug-ins are imported from (see load_sweep)
 
 
 def run_id(cfg: RunConfig) -> str:
-    """The run's identity: the first 16 hex digits of the SHA-256 of its resolved config."""
-    canon = json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":"), default=str)
+    """The run's identity: the first 16 hex digits of the SHA-256 of its resolved config (less
+    ``checkpoint_every``, which changes no number)."""
+    d = cfg.to_dict()
+    d.pop("checkpoint_every", None)
+    canon = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
@@ -110,7 +117,14 @@ def _axes(spec: Mapping[str, Any]) -> list[list[dict[str, Any]]]:
 
 
 def load_sweep(source: str | Path | Mapping[str, Any], *, base_dir: Path | None = None) -> Sweep:
-    """Parse and expand a sweep (a TOML path or a mapping); every point is validated here."""
+    """Parse and expand a sweep (a TOML path or a mapping); every point is validated here.
+
+    Plug-ins: for a sweep file, dotted component names (``"my_module:factory"``) are imported from
+    the sweep file's folder, its base config's folder and the current folder (as ``fedopt run``
+    does for a config); :func:`run_sweep` puts the same folders on ``sys.path`` of its workers
+    (spawned processes inherit it; Ray workers get them as ``PYTHONPATH``). A sweep file is code:
+    trusted input (see :mod:`fedopt.registry`)."""
+    files: list[Path] = []
     if isinstance(source, str | Path):
         p = Path(source)
         check(p.is_file(), f"sweep file {str(p)!r} does not exist")
@@ -119,6 +133,7 @@ def load_sweep(source: str | Path | Mapping[str, Any], *, base_dir: Path | None 
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"sweep file {str(p)!r} is not valid TOML: {e}") from None
         base_dir = p.parent
+        files.append(p)
     else:
         spec = dict(source)
     for k in spec:
@@ -128,7 +143,15 @@ def load_sweep(source: str | Path | Mapping[str, Any], *, base_dir: Path | None 
     if isinstance(base, str):
         path = Path(base) if Path(base).is_absolute() else (base_dir or Path.cwd()) / base
         base = load_raw(path)
+        if files:
+            files.append(path)
     check(isinstance(base, Mapping), "sweep base must be a config path or a [base] table")
+    folders = tuple(str(f) for f in plugin_folders(*files)) if files else ()
+    with plugin_path(*folders):
+        return _expand(spec, base, folders)
+
+
+def _expand(spec: dict[str, Any], base: Mapping[str, Any], folders: tuple[str, ...]) -> Sweep:
     threads = spec.get("threads", 1)
     check(isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1,
           f"sweep threads must be an integer >= 1, got {threads!r}")
@@ -153,13 +176,17 @@ def load_sweep(source: str | Path | Mapping[str, Any], *, base_dir: Path | None 
             continue
         seen.add(rid)
         points.append(Point(len(points), assignments, cfg, rid))
-    return Sweep({**spec, "base": dict(base)}, points, threads, duplicates)
+    return Sweep({**spec, "base": dict(base)}, points, threads, duplicates, folders)
 
 
 # ---- executing one run (in this process, a pool process or a Ray worker) ----------------------
 
-def execute_point(config: dict[str, Any], threads: int) -> dict[str, Any]:
-    """Run one resolved config with ``threads`` torch threads; never raises (a failure is data)."""
+def execute_point(config: dict[str, Any], threads: int, checkpoint: str | None = None) -> dict[str, Any]:
+    """Run one resolved config with ``threads`` torch threads; never raises (a failure is data).
+
+    With a ``checkpoint`` path the run checkpoints there every ``checkpoint_every`` outer
+    iterations, and a run that finds a checkpoint there (a killed sweep's half-finished run)
+    continues from it instead of starting over, to the same numbers."""
     import traceback
 
     import torch
@@ -170,9 +197,25 @@ def execute_point(config: dict[str, Any], threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     try:
-        result, wall = execute(parse_config(config))
+        cfg = parse_config(config)
+        path = Path(checkpoint) if checkpoint else None
+        resume = None
+        if path is not None and path.is_file():
+            try:
+                resume = results.read_checkpoint(path)
+            except ConfigError:  # a damaged checkpoint: start over
+                resume = None
+        every = cfg.checkpoint_interval() if path is not None else 0
+
+        def on_checkpoint(ck: Any) -> None:
+            assert path is not None
+            results.write_checkpoint(path, ck)
+
+        result, wall = execute(cfg, checkpoint_every=every, on_checkpoint=on_checkpoint if every else None,
+                               resume=resume)
         return {"status": result.status, "diverged_round": result.diverged_round, "records": result.records,
-                "wall_time_s": wall, "comm_rounds": result.counters.comm_rounds}
+                "wall_time_s": wall, "comm_rounds": result.counters.comm_rounds,
+                "resumed_from": resume.k if resume is not None else 0}
     except Exception as e:  # noqa: BLE001 -- recorded in meta.json and reported, the sweep goes on
         return {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
                 "records": [], "wall_time_s": time.perf_counter() - t0}
@@ -180,20 +223,23 @@ def execute_point(config: dict[str, Any], threads: int) -> dict[str, Any]:
         torch.set_num_threads(before)
 
 
-def _serial(todo: list[Point], threads: int, workers: int, address: str | None) -> Iterator[tuple[Point, dict]]:
+def _serial(todo: list[Point], threads: int, workers: int, address: str | None,
+            checkpoints: dict[str, str]) -> Iterator[tuple[Point, dict]]:
     del workers, address
     for p in todo:
-        yield p, execute_point(p.config.to_dict(), threads)
+        yield p, execute_point(p.config.to_dict(), threads, checkpoints.get(p.run_id))
 
 
-def _process(todo: list[Point], threads: int, workers: int, address: str | None) -> Iterator[tuple[Point, dict]]:
+def _process(todo: list[Point], threads: int, workers: int, address: str | None,
+             checkpoints: dict[str, str]) -> Iterator[tuple[Point, dict]]:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     del address
     # spawn, not fork: a forked child of a process that already ran torch threads can deadlock
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(execute_point, p.config.to_dict(), threads): p for p in todo}
+        futures = {pool.submit(execute_point, p.config.to_dict(), threads, checkpoints.get(p.run_id)): p
+                   for p in todo}
         try:
             for fut in as_completed(futures):
                 yield futures[fut], fut.result()
@@ -202,7 +248,8 @@ def _process(todo: list[Point], threads: int, workers: int, address: str | None)
                 fut.cancel()
 
 
-def _ray(todo: list[Point], threads: int, workers: int, address: str | None) -> Iterator[tuple[Point, dict]]:
+def _ray(todo: list[Point], threads: int, workers: int, address: str | None,
+         checkpoints: dict[str, str]) -> Iterator[tuple[Point, dict]]:
     import ray
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -216,8 +263,14 @@ def _ray(todo: list[Point], threads: int, workers: int, address: str | None) -> 
         raise ConfigError(f"cannot start or reach Ray (address={address or 'local'!r}): "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     try:
-        task = ray.remote(num_cpus=1, max_retries=0)(execute_point)
-        pending = {task.remote(p.config.to_dict(), threads): p for p in todo}
+        # Ray workers do not inherit this process's sys.path (only its working folder): hand them
+        # the plug-in folders as PYTHONPATH, ahead of whatever PYTHONPATH this process has
+        options: dict[str, Any] = {"num_cpus": 1, "max_retries": 0}
+        if extra := active_paths():
+            inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+            options["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(extra + inherited))}}
+        task = ray.remote(**options)(execute_point)
+        pending = {task.remote(p.config.to_dict(), threads, checkpoints.get(p.run_id)): p for p in todo}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
@@ -361,15 +414,24 @@ def run_sweep(sweep: Sweep, out: str | Path, *, executor: str = "serial", worker
     for leftover in runs.glob(".*"):  # temporary folders of runs a killed sweep did not finish
         shutil.rmtree(leftover, ignore_errors=True)
     todo = [p for p in sweep.points if not _finished(runs / p.run_id)]
+    # half-finished runs resume from out/checkpoints/<run_id>.pt (on a remote Ray cluster the
+    # workers have no access to this folder: no checkpoints there)
+    checkpoints: dict[str, str] = {}
+    if not (executor == "ray" and address):
+        (out / "checkpoints").mkdir(exist_ok=True)
+        checkpoints = {p.run_id: str((out / "checkpoints" / f"{p.run_id}.pt").resolve()) for p in todo}
     skipped = len(sweep.points) - len(todo)
     counts = {"finished": 0, "diverged": 0}
     failed: list[str] = []
     t0 = time.perf_counter()
-    with tqdm(total=len(sweep.points), initial=skipped, disable=not progress, unit="run",
-              desc=f"sweep ({executor})") as bar:
+    with plugin_path(*sweep.plugin_paths), tqdm(total=len(sweep.points), initial=skipped, disable=not progress,
+                                                unit="run", desc=f"sweep ({executor})") as bar:
         bar.set_postfix(done=skipped, failed=0, remaining=len(todo))
-        for point, result in (_EXECUTOR_FNS[executor](todo, sweep.threads, workers, address) if todo else ()):
+        for point, result in (_EXECUTOR_FNS[executor](todo, sweep.threads, workers, address, checkpoints)
+                              if todo else ()):
             _write_run(runs, point, result)
+            if result["status"] != "failed":  # the run is over; a failed one keeps its checkpoint
+                Path(checkpoints.get(point.run_id, out / "none")).unlink(missing_ok=True)
             if result["status"] == "failed":
                 failed.append(f"{point.run_id} ({result.get('error', '')})")
             else:

@@ -53,13 +53,21 @@ try:
 except ImportError as e:  # pragma: no cover - exercised by the missing-extra test through the engine
     raise ImportError("fedopt.flower needs Flower: pip install 'fedopt[flower]'") from e
 
-__all__ = ["STRATEGIES", "TASK_NAMES", "FESSGDAStrategy", "FedMBOStrategy", "FedNestStrategy", "FedNormSGDAStrategy",
+__all__ = ["STRATEGIES", "TASK_NAMES", "message_type", "FESSGDAStrategy", "FedMBOStrategy", "FedNestStrategy", "FedNormSGDAStrategy",
            "FedoptStrategy", "LFedNestStrategy", "LocalSGDAPlusStrategy", "LocalSGDAStrategy", "ProblemRef",
            "SAGDAStrategy", "client_app"]
 
-#: Every client task name of fedopt's federated algorithms: one ``@app.train`` handler each.
+#: Every client task name of fedopt's built-in federated and centralized algorithms: one
+#: ``@app.train`` handler each (message type ``train.<name>``). A task of any other name (a
+#: plug-in algorithm's) travels as plain ``train`` to the default handler, which runs it the same way.
 TASK_NAMES = ("lower_grad", "outer_grad", "neumann", "cross", "hvp", "hypergrad", "svrg_inner", "svrg_outer",
-              "sgd_inner", "local_outer", "local_gda", "minimax_grad")
+              "sgd_inner", "local_outer", "local_gda", "minimax_grad", "joint", "upper_grad_y", "z_grad",
+              "jhip_grad", "hypergrad_jhip")
+
+
+def message_type(task_name: str) -> str:
+    """The Flower message type of a round of ``task_name``."""
+    return f"train.{task_name}" if task_name in TASK_NAMES else "train"
 
 
 # ---- client side -------------------------------------------------------------------------------
@@ -130,6 +138,7 @@ def client_app(problem: Any) -> ClientApp:
 
     for name in TASK_NAMES:
         app.train(name)(handle)
+    app.train()(handle)  # any other task name (message type "train")
     return app
 
 
@@ -222,7 +231,7 @@ class FedoptStrategy(Strategy):
                                         "token": token, "blob": blob, "client": client, "key": key, "slot": slot,
                                         "server-round": server_round}),
             })
-            messages.append(Message(content, dst_node_id=self.node_of[client], message_type=f"train.{task.name}",
+            messages.append(Message(content, dst_node_id=self.node_of[client], message_type=message_type(task.name),
                                     group_id=str(server_round)))
         return messages
 
