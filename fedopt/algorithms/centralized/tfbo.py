@@ -34,17 +34,67 @@ are their inverses). Notation: :math:`R(v) = \tfrac12 v^\top\nabla^2_{yy} g\, v 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
-from fedopt.algorithms.base import FederatedAlgorithm, Iterate, Program, Round
+from fedopt.algorithms.base import FederatedAlgorithm, Program, Round, Steps
 from fedopt.algorithms.decentralized._common import node_tasks
+from fedopt.algorithms.parts import moving_average, tuning_free_step
+from fedopt.algorithms.parts import step_rule as make_rule
 from fedopt.errors import check
 from fedopt.problems.base import AbstractBilevelProblem
 from fedopt.registry import ALGORITHMS
 
-__all__ = ["aid", "d_tfbo", "s_tfbo", "soba"]
+__all__ = ["AIDState", "DTFBOState", "SOBAState", "STFBOState", "aid", "d_tfbo", "s_tfbo", "soba"]
+
+
+class AIDState(NamedTuple):
+    r"""AID's server state after outer iteration :math:`k`: ``x``, ``y``, ``v`` (:math:`v`, the
+    linear-system iterate), ``r`` (:math:`r`, the momentum direction); ``acc_x``, ``acc_y``,
+    ``acc_v``: the tuning-free accumulators :math:`c^2` of :math:`x, y, v` (``None`` under
+    ``step_rule="fixed"``)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    v: torch.Tensor
+    r: torch.Tensor
+    acc_x: torch.Tensor | None = None
+    acc_y: torch.Tensor | None = None
+    acc_v: torch.Tensor | None = None
+
+
+class DTFBOState(NamedTuple):
+    r"""D-TFBO's server state after outer iteration :math:`t`: ``x``, ``y``, ``v``; ``alpha_sq``,
+    ``beta_sq``, ``gamma_sq``: the accumulators :math:`\alpha^2, \beta^2, \gamma^2` (the last two
+    restarted from :math:`\beta_0^2, \gamma_0^2` every iteration under ``accumulators="cold"``)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    v: torch.Tensor
+    alpha_sq: torch.Tensor
+    beta_sq: torch.Tensor
+    gamma_sq: torch.Tensor
+
+
+class STFBOState(NamedTuple):
+    r"""S-TFBO's server state after iteration :math:`t`: ``x``, ``y``, ``v``; ``alpha_sq``,
+    ``beta_sq``, ``gamma_sq``: the accumulators :math:`\alpha^2, \beta^2, \gamma^2`."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    v: torch.Tensor
+    alpha_sq: torch.Tensor
+    beta_sq: torch.Tensor
+    gamma_sq: torch.Tensor
+
+
+class SOBAState(NamedTuple):
+    """SOBA's server state after iteration :math:`t`: ``x``, ``y`` and the linear-system iterate ``v``."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    v: torch.Tensor
 
 
 def _sq(d: torch.Tensor) -> torch.Tensor:
@@ -103,43 +153,38 @@ def aid(
     check(v_steps >= 1, f"algorithm.params.v_steps must be >= 1, got {v_steps}")
     check(0 < theta <= 1, f"algorithm.params.theta must be in (0, 1], got {theta}")
     _batch_size(batch_size)
-    tf = step_rule == "tuning_free"
+    rule_x, rule_y, rule_v = (make_rule(step_rule, lr) for lr in (outer_lr, inner_lr, v_lr))
 
-    def program(problem: AbstractBilevelProblem, x: torch.Tensor, y: torch.Tensor, K: int,
-                key: torch.Tensor) -> Program:
-        del key
+    def setup(problem: AbstractBilevelProblem, K: int, key: torch.Tensor) -> Steps:
+        del K, key
         tasks = node_tasks(problem, batch_size=batch_size, hvp_mode=hvp_mode)
         everyone = _everyone(problem)
-        v, r = torch.zeros_like(y), torch.zeros_like(x)
-        acc_x, acc_y, acc_v = (torch.tensor(1.0 / lr**2, dtype=x.dtype, device=x.device)
-                               for lr in (outer_lr, inner_lr, v_lr))
-        yield Iterate(0, x, y)
-        for k in range(K):
+
+        def init(x0: torch.Tensor, y0: torch.Tensor) -> AIDState:
+            return AIDState(x0, y0, torch.zeros_like(y0), torch.zeros_like(x0),
+                            rule_x.init(x0), rule_y.init(x0), rule_v.init(x0))
+
+        def step(s: AIDState, k: int) -> Program:
+            x, y, acc_y = s.x, s.y, s.acc_y
             for _ in range(inner_steps):
                 d = (yield everyone(tasks["lower_grad"], (x, y))).mean()
-                if tf:
-                    acc_y = acc_y + _sq(d)
-                y = y - (d * acc_y.rsqrt() if tf else inner_lr * d)
-            if not warm_start_v:
-                v = torch.zeros_like(y)
-            if v_accumulator == "cold":
-                acc_v = torch.tensor(1.0 / v_lr**2, dtype=x.dtype, device=x.device)
-            for s in range(v_steps):
-                if s == 0 and not warm_start_v:  # grad R at v = 0 is -grad_y f: no HVP needed
+                y, acc_y = rule_y.update(y, d, acc_y)
+            v = s.v if warm_start_v else torch.zeros_like(y)
+            acc_v = rule_v.init(x) if v_accumulator == "cold" else s.acc_v
+            for t in range(v_steps):
+                if t == 0 and not warm_start_v:  # grad R at v = 0 is -grad_y f: no HVP needed
                     d = -(yield everyone(tasks["upper_grad_y"], (x, y))).mean()
                 else:
                     d = (yield everyone(tasks["z_grad"], (x, y, v))).mean()
-                if tf:
-                    acc_v = acc_v + _sq(d)
-                v = v - (d * acc_v.rsqrt() if tf else v_lr * d)
+                v, acc_v = rule_v.update(v, d, acc_v)
             u = (yield everyone(tasks["hypergrad"], (x, y, v))).mean()
-            r = (1 - theta) * r + theta * u
-            if tf:
-                acc_x = acc_x + _sq(r)
-            x = x - (r * acc_x.rsqrt() if tf else outer_lr * r)
-            yield Iterate(k + 1, x, y)
+            r = moving_average(s.r, u, theta)
+            x, acc_x = rule_x.update(x, r, s.acc_x)
+            return AIDState(x, y, v, r, acc_x, acc_y, acc_v)
 
-    return FederatedAlgorithm("aid", None, False, program)
+        return Steps(init, step)
+
+    return FederatedAlgorithm("aid", None, False, setup)
 
 
 @ALGORITHMS.register("d_tfbo")
@@ -181,41 +226,41 @@ def d_tfbo(
     check(inner_steps >= 1 and max_inner >= 1, "algorithm.params.inner_steps and max_inner must be >= 1")
     _batch_size(batch_size)
 
-    def program(problem: AbstractBilevelProblem, x: torch.Tensor, y: torch.Tensor, K: int,
-                key: torch.Tensor) -> Program:
+    tuning_free = tuning_free_step(1.0).update  # the rule; its accumulators start at alpha0^2, ...
+
+    def setup(problem: AbstractBilevelProblem, K: int, key: torch.Tensor) -> Steps:
         del key
         tasks = node_tasks(problem, batch_size=batch_size, hvp_mode=hvp_mode)
         everyone = _everyone(problem)
         eps = tolerance or 1.0 / max(K, 1)
         steps = max_inner if inner == "tolerance" else inner_steps
 
-        def t(c: float) -> torch.Tensor:
-            return torch.tensor(c**2, dtype=x.dtype, device=x.device)
+        def sq(c: float, like: torch.Tensor) -> torch.Tensor:
+            return torch.tensor(c**2, dtype=like.dtype, device=like.device)
 
-        v = torch.zeros_like(y)
-        acc_x, acc_y, acc_v = t(alpha0), t(beta0), t(gamma0)
-        yield Iterate(0, x, y)
-        for _k in range(K):
-            if accumulators == "cold":
-                acc_y, acc_v = t(beta0), t(gamma0)
+        def init(x0: torch.Tensor, y0: torch.Tensor) -> DTFBOState:
+            return DTFBOState(x0, y0, torch.zeros_like(y0), sq(alpha0, x0), sq(beta0, x0), sq(gamma0, x0))
+
+        def step(s: DTFBOState, k: int) -> Program:
+            x, y, v = s.x, s.y, s.v
+            beta_sq, gamma_sq = (sq(beta0, x), sq(gamma0, x)) if accumulators == "cold" else (s.beta_sq, s.gamma_sq)
             for _ in range(steps):  # (a) lower level
                 d = (yield everyone(tasks["lower_grad"], (x, y))).mean()
                 if inner == "tolerance" and _sq(d) <= eps:
                     break
-                acc_y = acc_y + _sq(d)
-                y = y - d * acc_y.rsqrt()
+                y, beta_sq = tuning_free(y, d, beta_sq)
             for _ in range(steps):  # (b) linear system, HVP refreshed every step
                 d = (yield everyone(tasks["z_grad"], (x, y, v))).mean()
                 if inner == "tolerance" and _sq(d) <= eps:
                     break
-                acc_v = acc_v + _sq(d)
-                v = v - d * acc_v.rsqrt()
+                v, gamma_sq = tuning_free(v, d, gamma_sq)
             h = (yield everyone(tasks["hypergrad"], (x, y, v))).mean()  # (c) upper level
-            acc_x = acc_x + _sq(h)
-            x = x - h * acc_x.rsqrt()
-            yield Iterate(_k + 1, x, y)
+            x, alpha_sq = tuning_free(x, h, s.alpha_sq)
+            return DTFBOState(x, y, v, alpha_sq, beta_sq, gamma_sq)
 
-    return FederatedAlgorithm("d_tfbo", None, False, program)
+        return Steps(init, step)
+
+    return FederatedAlgorithm("d_tfbo", None, False, setup)
 
 
 @ALGORITHMS.register("s_tfbo")
@@ -243,25 +288,30 @@ def s_tfbo(
     check(eps >= 0, f"algorithm.params.eps must be >= 0, got {eps}")
     _batch_size(batch_size)
 
-    def program(problem: AbstractBilevelProblem, x: torch.Tensor, y: torch.Tensor, K: int,
-                key: torch.Tensor) -> Program:
-        del key
+    def setup(problem: AbstractBilevelProblem, K: int, key: torch.Tensor) -> Steps:
+        del K, key
         joint = node_tasks(problem, batch_size=batch_size)["joint"]
         everyone = _everyone(problem)
-        v = torch.zeros_like(y)
-        acc = [torch.tensor(c**2, dtype=x.dtype, device=x.device) for c in (alpha0, beta0, gamma0)]
-        yield Iterate(0, x, y)
-        for k in range(K):
+
+        def init(x0: torch.Tensor, y0: torch.Tensor) -> STFBOState:
+            alpha_sq, beta_sq, gamma_sq = (torch.tensor(c**2, dtype=x0.dtype, device=x0.device)
+                                           for c in (alpha0, beta0, gamma0))
+            return STFBOState(x0, y0, torch.zeros_like(y0), alpha_sq, beta_sq, gamma_sq)
+
+        def step(s: STFBOState, k: int) -> Program:
+            x, y, v = s.x, s.y, s.v
             g_y, g_v, g_x = (yield everyone(joint, (x, y, v))).mean()
-            acc = [acc[0] + _sq(g_x), acc[1] + _sq(g_y), acc[2] + _sq(g_v)]
-            alpha, beta, gamma = (a.sqrt() for a in acc)
+            alpha_sq, beta_sq, gamma_sq = s.alpha_sq + _sq(g_x), s.beta_sq + _sq(g_y), s.gamma_sq + _sq(g_v)
+            alpha, beta, gamma = alpha_sq.sqrt(), beta_sq.sqrt(), gamma_sq.sqrt()
             phi = torch.maximum(beta, gamma)
             y = y - g_y / (beta + eps)
             v = v - g_v / (phi + eps)
             x = x - g_x / (alpha * phi + eps)
-            yield Iterate(k + 1, x, y)
+            return STFBOState(x, y, v, alpha_sq, beta_sq, gamma_sq)
 
-    return FederatedAlgorithm("s_tfbo", None, False, program)
+        return Steps(init, step)
+
+    return FederatedAlgorithm("s_tfbo", None, False, setup)
 
 
 @ALGORITHMS.register("soba")
@@ -279,16 +329,18 @@ def soba(
     _positive(outer_lr=outer_lr, inner_lr=inner_lr, v_lr=v_lr)
     _batch_size(batch_size)
 
-    def program(problem: AbstractBilevelProblem, x: torch.Tensor, y: torch.Tensor, K: int,
-                key: torch.Tensor) -> Program:
-        del key
+    def setup(problem: AbstractBilevelProblem, K: int, key: torch.Tensor) -> Steps:
+        del K, key
         joint = node_tasks(problem, batch_size=batch_size)["joint"]
         everyone = _everyone(problem)
-        v = torch.zeros_like(y)
-        yield Iterate(0, x, y)
-        for k in range(K):
-            g_y, g_v, g_x = (yield everyone(joint, (x, y, v))).mean()
-            y, v, x = y - inner_lr * g_y, v - v_lr * g_v, x - outer_lr * g_x
-            yield Iterate(k + 1, x, y)
 
-    return FederatedAlgorithm("soba", None, False, program)
+        def init(x0: torch.Tensor, y0: torch.Tensor) -> SOBAState:
+            return SOBAState(x0, y0, torch.zeros_like(y0))
+
+        def step(s: SOBAState, k: int) -> Program:
+            g_y, g_v, g_x = (yield everyone(joint, (s.x, s.y, s.v))).mean()
+            return SOBAState(s.x - outer_lr * g_x, s.y - inner_lr * g_y, s.v - v_lr * g_v)
+
+        return Steps(init, step)
+
+    return FederatedAlgorithm("soba", None, False, setup)

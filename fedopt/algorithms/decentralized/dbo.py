@@ -24,17 +24,31 @@ Each node keeps a *matrix* :math:`Z_i \in \mathbb R^{p\times q}` estimating
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
-from fedopt.algorithms.base import DecentralizedAlgorithm, LocalStep, NodeIterate, NodeProgram
+from fedopt.algorithms.base import DecentralizedAlgorithm, LocalStep, NodeProgram, Steps
 from fedopt.algorithms.decentralized._common import gossip_step, node_tasks, tracked_step
 from fedopt.errors import check
 from fedopt.problems.base import AbstractBilevelProblem
 from fedopt.registry import ALGORITHMS
 
-__all__ = ["dbo", "dbo_stochastic"]
+__all__ = ["DBOState", "dbo", "dbo_stochastic"]
+
+
+class DBOState(NamedTuple):
+    r"""Every node's variables, stacked over the nodes (``[n, ...]``).
+
+    ``x``, ``y``: :math:`x_i`, :math:`y_i`; ``Z``: the JHIP matrices :math:`Z_i` (``[n, p, q]``);
+    ``s_x``, ``u_x``: the gradient tracker of step 4b and the direction :math:`u_i` it last absorbed
+    (zero without tracking)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    Z: torch.Tensor
+    s_x: torch.Tensor
+    u_x: torch.Tensor
 
 
 def _dbo(name: str, *, outer_lr, inner_lr, z_lr, inner_steps, z_steps, batch_size, gossip_order, tracking,
@@ -46,31 +60,35 @@ def _dbo(name: str, *, outer_lr, inner_lr, z_lr, inner_steps, z_steps, batch_siz
     check(batch_size is None or batch_size >= 1, f"algorithm.params.batch_size must be >= 1, got {batch_size}")
     alpha, beta, gamma, order = outer_lr, inner_lr, z_lr, gossip_order
 
-    def program(problem: AbstractBilevelProblem, x0: torch.Tensor, y0: torch.Tensor, K: int,
-                key: torch.Tensor, n: int) -> NodeProgram:
-        del key
+    def setup(problem: AbstractBilevelProblem, K: int, key: torch.Tensor, n: int) -> Steps:
+        del K, key
         tasks = node_tasks(problem, batch_size=batch_size, hvp_mode=hvp_mode)
         p, q = problem.x_dim, problem.y_dim
-        X, Y = x0.expand(n, -1).clone(), y0.expand(n, -1).clone()
-        Z = torch.zeros(n, p, q, dtype=X.dtype, device=X.device)
-        Sx, Ux = torch.zeros_like(X), torch.zeros_like(X)
-        yield NodeIterate(0, {"x": X, "y": Y, "Z": Z.reshape(n, -1)})
-        for k in range(K):
-            for _ in range(inner_steps):
+
+        def init(x0: torch.Tensor, y0: torch.Tensor) -> DBOState:
+            X, Y = x0.expand(n, -1).clone(), y0.expand(n, -1).clone()
+            Z = torch.zeros(n, p, q, dtype=X.dtype, device=X.device)
+            return DBOState(X, Y, Z, torch.zeros_like(X), torch.zeros_like(X))
+
+        def step(s: DBOState, k: int) -> NodeProgram:
+            X, Y, Z, Sx, Ux = s.x, s.y, s.Z, s.s_x, s.u_x
+            for _ in range(inner_steps):  # 1. lower level: gossip GD on y
                 D = yield LocalStep(tasks["lower_grad"], (X, Y))
                 Y = yield from gossip_step(Y, D, beta, "y", order)
-            for _ in range(z_steps):  # JHIP: gossip GD on the matrix system, flattened for gossip
+            for _ in range(z_steps):  # 2. JHIP: gossip GD on the matrix system, flattened for gossip
                 D = yield LocalStep(tasks["jhip_grad"], (X, Y, Z))
                 Z = (yield from gossip_step(Z.reshape(n, -1), D.reshape(n, -1), gamma, "Z", order)).reshape(n, p, q)
-            U = yield LocalStep(tasks["hypergrad_jhip"], (X, Y, Z))
-            if tracking == "x":
+            U = yield LocalStep(tasks["hypergrad_jhip"], (X, Y, Z))  # 3. local hypergradient
+            if tracking == "x":  # 4b. gradient tracking on u
                 X, Sx = yield from tracked_step(X, Sx, U, Ux, alpha, "x", order)
                 Ux = U
-            else:
+            else:  # 4a. DGD
                 X = yield from gossip_step(X, U, alpha, "x", order)
-            yield NodeIterate(k + 1, {"x": X, "y": Y, "Z": Z.reshape(n, -1)})
+            return DBOState(X, Y, Z, Sx, Ux)
 
-    return DecentralizedAlgorithm(name, program)
+        return Steps(init, step, variables=lambda s: {"x": s.x, "y": s.y, "Z": s.Z.reshape(n, -1)})
+
+    return DecentralizedAlgorithm(name, setup)
 
 
 @ALGORITHMS.register("dbo")
