@@ -69,6 +69,7 @@ __all__ = [
     "State",
     "Steps",
     "Task",
+    "conformance",
     "node_variables",
     "numel",
 ]
@@ -253,6 +254,25 @@ class DecentralizedAlgorithm:
 def node_variables(steps: Steps, state: State) -> dict[str, torch.Tensor]:
     """The stacked variables of a decentralized state whose consensus is measured."""
     return steps.variables(state) if steps.variables is not None else {"x": state.x, "y": state.y}
+
+
+def conformance(**params: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Declare the parameters the conformance suite (``tests/test_conformance.py``) runs an
+    algorithm factory with: small steps that move the suite's problem (the noisy heterogeneous
+    quadratic for bilevel methods, noisy NC-SC for minimax ones, a 6-node ring for decentralized
+    ones) without diverging in a few outer iterations. The suite runs every registered algorithm and
+    fails on one that declares nothing::
+
+        @ALGORITHMS.register("mine")
+        @conformance(outer_lr=0.1, clients_per_round=4)
+        def mine(*, outer_lr: float, clients_per_round: int = 10) -> FederatedAlgorithm: ...
+    """
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        fn.conformance_params = dict(params)  # type: ignore[attr-defined]
+        return fn
+
+    return deco
 
 
 def numel(tree: Any) -> int:

@@ -38,7 +38,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from fedopt.algorithms.base import FederatedAlgorithm, Program, Round, Steps
+from fedopt.algorithms.base import FederatedAlgorithm, Program, Round, Steps, conformance
 from fedopt.algorithms.decentralized._common import node_tasks
 from fedopt.algorithms.parts import moving_average, tuning_free_step
 from fedopt.algorithms.parts import step_rule as make_rule
@@ -117,6 +117,7 @@ def _everyone(problem: AbstractBilevelProblem):
 
 
 @ALGORITHMS.register("aid")
+@conformance(outer_lr=0.3, inner_lr=0.2, v_lr=0.2, inner_steps=2, v_steps=2, batch_size=2)
 def aid(
     *,
     outer_lr: float,
@@ -188,6 +189,7 @@ def aid(
 
 
 @ALGORITHMS.register("d_tfbo")
+@conformance(alpha0=3.0, beta0=3.0, gamma0=3.0, inner="fixed", inner_steps=2, batch_size=2)
 def d_tfbo(
     *,
     alpha0: float = 1.0,
@@ -264,6 +266,7 @@ def d_tfbo(
 
 
 @ALGORITHMS.register("s_tfbo")
+@conformance(alpha0=3.0, beta0=3.0, gamma0=3.0, batch_size=2)
 def s_tfbo(
     *,
     alpha0: float = 1.0,
@@ -315,6 +318,7 @@ def s_tfbo(
 
 
 @ALGORITHMS.register("soba")
+@conformance(outer_lr=0.3, inner_lr=0.2, v_lr=0.2, batch_size=2)
 def soba(
     *,
     outer_lr: float,

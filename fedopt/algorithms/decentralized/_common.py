@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch.func import grad, jacrev, vmap
+from torch.func import vmap
 
 from fedopt import oracles
 from fedopt import random as rnd
@@ -111,12 +111,13 @@ def node_tasks(problem: AbstractBilevelProblem, *, batch_size: int | None, hvp_m
 
     def jhip_grad(payload, state, data, node, key):
         """Gradient of the node's share of the JHIP system: Z_i H_i - J_i (p x q), H_i and J_i from
-        one sample; Z H by one HVP per row of Z (H symmetric), J by reverse mode over q outputs."""
+        one sample; Z H by one HVP per row of Z (H symmetric), J by one cross product per column."""
         state = payload if state is None else state
         x, y, Z = state
         batch = inner(data, node, key, 0)
         ZH = vmap(lambda row: oracles.hvp_yy(g, x, y, batch, row, mode=hvp_mode))(Z)
-        J = jacrev(lambda x_: grad(g, argnums=1)(x_, y, batch))(x).T  # [p, q] = d^2 g / dx dy
+        # [p, q] = d^2 g / dx dy, column j the cross product with e_j: the q declared cross products
+        J = vmap(lambda e: oracles.jvp_xy(g, x, y, batch, e, mode=hvp_mode))(torch.eye(q, dtype=y.dtype, device=y.device)).T
         return ZH - J
 
     def hypergrad_jhip(payload, state, data, node, key):
@@ -149,7 +150,7 @@ def node_tasks(problem: AbstractBilevelProblem, *, batch_size: int | None, hvp_m
         "lower_grad": Task("lower_grad", lower_grad, {"grad": 1}, batched(gy_g)),
         "z_grad": Task("z_grad", z_grad, {"hvp": 1, "grad": 1}, batched(hvp, gy_f)),
         "hypergrad": Task("hypergrad", hypergrad, {"grad": 1, "jvp": 1}, batched(cross, gx_f)),
-        # per-node matrices (vmap over rows, jacrev, Z @ g): always traced
+        # per-node matrices (vmap over rows and columns, Z @ g): always traced
         "jhip_grad": Task("jhip_grad", jhip_grad, {"hvp": p, "jvp": q}),
         "hypergrad_jhip": Task("hypergrad_jhip", hypergrad_jhip, {"grad": 1}),
     }

@@ -28,7 +28,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from fedopt.algorithms.base import DecentralizedAlgorithm, LocalStep, NodeProgram, Steps
+from fedopt.algorithms.base import DecentralizedAlgorithm, LocalStep, NodeProgram, Steps, conformance
 from fedopt.algorithms.decentralized._common import gossip_step, node_tasks, tracked_step
 from fedopt.errors import check
 from fedopt.problems.base import AbstractBilevelProblem
@@ -92,6 +92,7 @@ def _dbo(name: str, *, outer_lr, inner_lr, z_lr, inner_steps, z_steps, batch_siz
 
 
 @ALGORITHMS.register("dbo")
+@conformance(outer_lr=0.3, inner_lr=0.2, z_lr=0.2, inner_steps=2, z_steps=2)
 def dbo(
     *,
     outer_lr: float,
@@ -109,6 +110,7 @@ def dbo(
 
 
 @ALGORITHMS.register("dbo_stochastic")
+@conformance(outer_lr=0.3, inner_lr=0.2, z_lr=0.2, inner_steps=2, z_steps=2, batch_size=2)
 def dbo_stochastic(
     *,
     outer_lr: float,

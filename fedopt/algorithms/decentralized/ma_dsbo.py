@@ -60,7 +60,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from fedopt.algorithms.base import DecentralizedAlgorithm, LocalStep, NodeProgram, Steps
+from fedopt.algorithms.base import DecentralizedAlgorithm, LocalStep, NodeProgram, Steps, conformance
 from fedopt.algorithms.decentralized._common import adaptive_step, gossip_step, node_tasks, tracked_step
 from fedopt.algorithms.parts import moving_average
 from fedopt.errors import check
@@ -103,6 +103,7 @@ def _check(outer_lr, inner_lr, z_lr, theta, inner_steps, z_steps, batch_size) ->
 
 
 @ALGORITHMS.register("ma_dsbo")
+@conformance(outer_lr=0.3, inner_lr=0.2, z_lr=0.2, theta=0.8, inner_steps=2, z_steps=2, batch_size=2)
 def ma_dsbo(
     *,
     outer_lr: float,
@@ -174,6 +175,7 @@ def ma_dsbo(
 
 
 @ALGORITHMS.register("ma_dsbo_gt")
+@conformance(outer_lr=0.2, inner_lr=0.1, z_lr=0.1, theta=0.8, inner_steps=2, z_steps=2, batch_size=2)
 def ma_dsbo_gt(
     *,
     outer_lr: float,

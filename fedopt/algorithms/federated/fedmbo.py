@@ -85,7 +85,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from fedopt import random as rnd
-from fedopt.algorithms.base import FederatedAlgorithm, Program, Round, Steps
+from fedopt.algorithms.base import FederatedAlgorithm, Program, Round, Steps, conformance
 from fedopt.algorithms.parts import fixed_step, tuning_free_step
 from fedopt.algorithms.parts import step_rule as make_rule
 from fedopt.algorithms.federated._tasks import BilevelTasks, bilevel_tasks
@@ -189,6 +189,7 @@ class FedMBOState(NamedTuple):
 
 
 @ALGORITHMS.register("fedmbo")
+@conformance(outer_lr=0.5, inner_lr=0.25, neumann_lr=0.25, neumann_terms=3, inner_steps=2, clients_per_round=4, batch_size=2)
 def fedmbo(
     *,
     outer_lr: float,

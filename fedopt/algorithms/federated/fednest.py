@@ -36,7 +36,7 @@ import torch
 
 from fedopt import linsolve, oracles
 from fedopt import random as rnd
-from fedopt.algorithms.base import FederatedAlgorithm, Program, Round, Steps, Task
+from fedopt.algorithms.base import FederatedAlgorithm, Program, Round, Steps, Task, conformance
 from fedopt.algorithms.federated._tasks import bilevel_tasks
 from fedopt.algorithms.federated.fedmbo import neumann_vector
 from fedopt.errors import check
@@ -135,6 +135,7 @@ def _local_tasks(problem: AbstractBilevelProblem, *, batch_size, inner_lr, outer
 
 
 @ALGORITHMS.register("fednest")
+@conformance(outer_lr=0.1, inner_lr=0.25, neumann_lr=0.25, neumann_terms=3, inner_steps=2, clients_per_round=4, batch_size=2, inner_local_steps=2, outer_local_steps=2)
 def fednest(
     *,
     outer_lr: float,
@@ -187,6 +188,7 @@ def fednest(
 
 
 @ALGORITHMS.register("lfednest")
+@conformance(outer_lr=0.1, inner_lr=0.25, neumann_lr=0.25, neumann_terms=3, inner_steps=2, clients_per_round=4, batch_size=2, inner_local_steps=2, outer_local_steps=2)
 def lfednest(
     *,
     outer_lr: float,

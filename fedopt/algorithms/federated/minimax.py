@@ -83,7 +83,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from fedopt.algorithms.base import FederatedAlgorithm, Program, Round, Steps
+from fedopt.algorithms.base import FederatedAlgorithm, Program, Round, Steps, conformance
 from fedopt.algorithms.federated._minimax_tasks import LocalGDA, grad_task, local_gda_task
 from fedopt.errors import ConfigError, check
 from fedopt.problems.base import AbstractMinimaxProblem
@@ -158,6 +158,7 @@ def _check_common(lr_x: float, lr_y: float, local_steps: int, clients_per_round:
 
 
 @ALGORITHMS.register("fess_gda")
+@conformance(lr_x=0.05, lr_y=0.05, local_steps=3, clients_per_round=3, batch_size=2, p=2.0)
 def fess_gda(
     *,
     lr_x: float,
@@ -234,6 +235,7 @@ def _local_sgda_setup(name: str, opt: LocalGDA, m: int, replace: bool, snapshot_
 
 
 @ALGORITHMS.register("local_sgda")
+@conformance(lr_x=0.05, lr_y=0.05, local_steps=3, clients_per_round=3, batch_size=2)
 def local_sgda(
     *,
     lr_x: float,
@@ -254,6 +256,7 @@ def local_sgda(
 
 
 @ALGORITHMS.register("local_sgda_plus")
+@conformance(lr_x=0.05, lr_y=0.05, local_steps=3, clients_per_round=3, batch_size=2, snapshot_every=2)
 def local_sgda_plus(
     *,
     lr_x: float,
@@ -276,6 +279,7 @@ def local_sgda_plus(
 
 
 @ALGORITHMS.register("sagda")
+@conformance(lr_x=0.05, lr_y=0.05, local_steps=3, clients_per_round=3, batch_size=2, lr_x_global=1.5)
 def sagda(
     *,
     lr_x: float,
@@ -324,6 +328,7 @@ def sagda(
 
 
 @ALGORITHMS.register("fed_norm_sgda")
+@conformance(lr_x=0.05, lr_y=0.05, local_steps=3, clients_per_round=3, batch_size=2, min_local_steps=1, snapshot_every=3)
 def fed_norm_sgda(
     *,
     lr_x: float,
