@@ -109,7 +109,8 @@ def test_a_diverging_run_is_recorded_with_its_round_and_exit_code_3(config, tmp_
 @pytest.mark.parametrize(("override", "message"), [
     ("partition.params.alpha=0", "partition.params.alpha must be > 0, got 0.0"),
     ("partition.params.alpha=-0.1", "partition.params.alpha must be > 0, got -0.1"),
-    ("data.name=cifar10", "unknown dataset 'cifar10'; available: adult, digits, fashion_mnist, mnist5k, synthetic"),
+    ("data.name=cifar10", "unknown dataset 'cifar10'; available: adult, digits, fashion_mnist, mnist5k, synthetic "
+                          "(or a plug-in 'package.module:factory')"),
 ])
 def test_bad_data_input_exits_2(override, message, tmp_path, capsys):
     raw = quadratic_config()

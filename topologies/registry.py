@@ -7,39 +7,37 @@ A topology is a function ``(n, *, seed, **params) -> networkx.Graph``. It is fou
 2. a dotted path ``"package.module:function"`` (imported on demand; no edits to this package);
 3. an entry point in the group ``fedopt.topologies`` of any installed distribution.
 
+The lookup is :class:`topologies.plugins.PluginRegistry`, the resolver every ``fedopt`` registry
+uses too: a broken plug-in is one :class:`TopologyError` line naming it and the problem.
+
 :func:`build_graph` calls the function and checks what comes back: a connected, undirected graph on
 exactly ``n`` nodes, relabelled ``0..n-1``.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable
-from importlib import metadata
 from typing import Any
 
 import networkx as nx
 
 from topologies import graphs
 from topologies.graphs import TopologyError
+from topologies.plugins import PluginRegistry, describe
 
-__all__ = ["ENTRY_POINT_GROUP", "TOPOLOGIES", "build_graph", "get_topology", "register_topology", "topology_names"]
+__all__ = ["ENTRY_POINT_GROUP", "REGISTRY", "TOPOLOGIES", "build_graph", "get_topology", "register_topology",
+           "topology_names"]
 
 ENTRY_POINT_GROUP = "fedopt.topologies"
-TOPOLOGIES: dict[str, Callable[..., nx.Graph]] = {}
+REGISTRY: PluginRegistry[Callable[..., nx.Graph]] = PluginRegistry(
+    "topology", group=ENTRY_POINT_GROUP, error=TopologyError, positional=("n",))
+TOPOLOGIES: dict[str, Callable[..., nx.Graph]] = REGISTRY.registered  # the registered names (no plug-ins)
 
 
 def register_topology(name: str) -> Callable[[Callable[..., nx.Graph]], Callable[..., nx.Graph]]:
     """Decorator: make ``fn(n, *, seed, **params) -> nx.Graph`` available as topology ``name``."""
-
-    def deco(fn: Callable[..., nx.Graph]) -> Callable[..., nx.Graph]:
-        if name in TOPOLOGIES and TOPOLOGIES[name] is not fn:
-            raise TopologyError(f"topology {name!r} is registered twice")
-        TOPOLOGIES[name] = fn
-        return fn
-
-    return deco
+    return REGISTRY.register(name)
 
 
 register_topology("ring")(lambda n, *, seed=0: graphs.ring_graph(n))
@@ -77,35 +75,15 @@ def _edgelist(n: int, *, seed: int = 0, path: str = "") -> nx.Graph:
     return graphs.from_edgelist(path)
 
 
-def _entry_points() -> dict[str, Any]:
-    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
-
-
 def topology_names() -> list[str]:
     """Registered names plus installed entry points."""
-    return sorted(set(TOPOLOGIES) | set(_entry_points()))
+    return REGISTRY.names()
 
 
 def get_topology(name: str) -> Callable[..., nx.Graph]:
-    """The graph function called ``name`` (registered, ``module:function``, or entry point)."""
-    if name in TOPOLOGIES:
-        return TOPOLOGIES[name]
-    if ":" in name:
-        module, _, attr = name.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module), attr)
-        except ImportError as e:
-            raise TopologyError(f"topology {name!r}: cannot import module {module!r} ({e})") from None
-        except AttributeError:
-            raise TopologyError(f"topology {name!r}: module {module!r} has no attribute {attr!r}") from None
-        if not callable(fn):
-            raise TopologyError(f"topology {name!r} is not callable")
-        return fn
-    eps = _entry_points()
-    if name in eps:
-        return eps[name].load()
-    raise TopologyError(f"unknown topology {name!r}; available: {', '.join(topology_names())} "
-                        "(or 'package.module:function')")
+    """The graph function called ``name`` (registered, ``module:function``, or entry point); a
+    broken or unknown one is a one-line :class:`TopologyError` (see :mod:`topologies.plugins`)."""
+    return REGISTRY.get(name)
 
 
 def build_graph(name: str, n: int, *, seed: int = 0, **params: Any) -> nx.Graph:
@@ -127,6 +105,10 @@ def build_graph(name: str, n: int, *, seed: int = 0, **params: Any) -> nx.Graph:
         raise
     except (TypeError, ValueError, nx.NetworkXException) as e:
         raise TopologyError(f"topology {name!r} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    except Exception as e:
+        if not REGISTRY.is_plugin(name):
+            raise
+        raise TopologyError(f"topology {name!r} raised {describe(e)}") from None
     g = graphs.from_networkx(g, name=f"topology {name!r}")
     if g.number_of_nodes() != n:
         raise TopologyError(f"topology {name!r} has {g.number_of_nodes()} nodes, but the run has {n} (clients)")
