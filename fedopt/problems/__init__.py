@@ -21,6 +21,12 @@ from fedopt.problems.minimax import (
     pl_pl,
     simplex_minimax,
 )
+from fedopt.problems.model import (
+    ModelBilevelProblem,
+    ModelMinimaxProblem,
+    ParamSpec,
+    cnn_hyper_representation,
+)
 from fedopt.problems.quadratic import QuadraticBilevel, quadratic
 
 __all__ = [
@@ -31,11 +37,15 @@ __all__ = [
     "HyperCleaning",
     "HyperRepresentation",
     "MinimaxQuadratic",
+    "ModelBilevelProblem",
+    "ModelMinimaxProblem",
     "NCPLQuadratic",
+    "ParamSpec",
     "ProblemContext",
     "QuadraticBilevel",
     "RegularizationSelection",
     "SimplexMinimax",
+    "cnn_hyper_representation",
     "fair_classification",
     "gan_mixture",
     "hyper_cleaning",
