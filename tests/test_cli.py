@@ -76,10 +76,13 @@ def test_missing_config_file(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_argument_errors_are_one_line(capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["run"])
-    assert e.value.code == 2
+@pytest.mark.parametrize("argv", [["run"], ["run", "--bogus"], ["sweep"], ["run", "--resume"]])
+def test_argument_errors_are_one_line(capsys, argv):
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("fedopt: error:")
 

@@ -28,6 +28,7 @@ import contextlib
 import copy
 import itertools
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,9 +43,18 @@ from fedopt.engines.local import LocalEngine
 from fedopt.errors import ConfigError
 from fedopt.registry import ALGORITHMS, ENGINES
 from fedopt.simulation import Checkpoint, simulate, simulate_decentralized
+from topologies.plugins import plugin_path
 
-NAMES = ALGORITHMS.names()
+# the registered algorithms, plus the example plug-in package's algorithm by dotted path
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "my_method"
+NAMES = [*ALGORITHMS.names(), "my_method.algorithm:fed_soba"]
 ROUNDS = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def example_plugin_path():
+    with plugin_path(EXAMPLE):
+        yield
 
 
 def _algorithm(name: str):
@@ -71,9 +81,10 @@ def config(name: str, engine: str = "local", *, rounds: int = ROUNDS, seed: int 
     return raw
 
 
-def run(raw: dict, engine=None, **loop):
-    """Build ``raw`` and run it on its engine (or on ``engine``, an engine object)."""
-    b = built(raw)
+def run(raw: dict, engine=None, *, b=None, **loop):
+    """Build ``raw`` (unless ``b``, its built components, is given) and run it on its engine (or
+    on ``engine``, an engine object)."""
+    b = b or built(raw)
     engine = engine or b.engine
     common = dict(rounds=raw["rounds"], seed=raw["seed"], eval_every=raw["eval_every"], **loop)
     try:
@@ -92,7 +103,7 @@ def frame(result) -> np.ndarray:
 def test_every_registered_algorithm_declares_its_conformance_parameters():
     missing = [n for n in NAMES if _algorithm(n)[1] is None]
     assert not missing, f"add @conformance(...) to: {missing}"
-    assert len(NAMES) >= 16
+    assert len(ALGORITHMS.names()) >= 16
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -235,11 +246,25 @@ OTHER_ENGINES = [e for e in ENGINES.names() if e not in ("local", "vmap")]
 
 
 @pytest.fixture(scope="module")
-def ray_session():
+def ray_engines():
+    """One Ray session and one ``ray`` engine per suite problem (actors start once, not per test):
+    ``engine_for(raw) -> (built components, engine)``."""
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield
+    engines: dict[str, tuple] = {}
+
+    def engine_for(raw: dict):
+        key = repr({k: raw.get(k) for k in ("problem", "clients", "topology", "seed", "dtype")})
+        if key not in engines:
+            b = built(raw)
+            engines[key] = (b, b.engine)
+        b, engine = engines[key]
+        return built({**raw, "engine": {"name": "local"}}), engine
+
+    yield engine_for
+    for _, engine in engines.values():
+        engine.close()
     ray.shutdown()
 
 
@@ -294,18 +319,24 @@ def _flower_records(raw: dict):
 def test_every_other_engine_runs_it_bitwise_like_local_or_refuses_it_at_build(name, engine, request):
     raw = config(name, engine, rounds=2)
     if engine == "ray":
-        request.getfixturevalue("ray_session")
+        engine_for = request.getfixturevalue("ray_engines")
         raw["engine"]["params"] = {"inner": "local", "actors": 2}
     elif engine == "flower":
         pytest.importorskip("flwr")
     try:
-        b = built(raw)
+        b, ray_engine = engine_for(raw) if engine == "ray" else (built(raw), None)
     except ConfigError as e:
         message = str(e)
         assert "cannot run" in message and "\n" not in message
         assert isinstance(_algorithm(name)[0](**_algorithm(name)[1]), DecentralizedAlgorithm), message
         return
-    b.engine.close()
     reference = run({**raw, "engine": {"name": "local"}})
-    other = _flower_records(raw) if engine == "flower" else run(raw)
+    if engine == "flower":
+        b.engine.close()
+        other = _flower_records(raw)
+    else:
+        reason = ray_engine.refuses(b.algorithm, b.network)  # the shared engine: ask it as build() would
+        if reason is not None:
+            pytest.fail(f"ray refuses {name}: {reason}")
+        other = run(raw, ray_engine, b=b)
     assert other.records == reference.records

@@ -100,6 +100,9 @@ class FlowerEngine(AbstractEngine):
         if not ray.is_initialized():  # started here so the problem can be put in the object store first;
             # Flower's backend then reuses it and shuts it down at the end of the simulation
             ray.init(**init_args)
+        from fedopt.engines.wire import ship_plugins_by_value
+
+        ship_plugins_by_value()  # a plug-in problem's and task's code travel with them
         problem_ref = fl.ProblemRef(ray.put(self.problem))
         backend = {"client_resources": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}, "init_args": init_args}
         quiet = _Quiet()

@@ -49,7 +49,7 @@ from torch.utils._pytree import tree_map
 
 from fedopt.algorithms.base import Task
 from fedopt.engines.base import AbstractEngine
-from fedopt.engines.wire import TaskCodec, decode_tree, encode_tree, loads_task
+from fedopt.engines.wire import TaskCodec, decode_tree, encode_tree, loads_task, ship_plugins_by_value
 from fedopt.errors import ConfigError, check
 from fedopt.registry import ENGINES
 
@@ -151,6 +151,7 @@ class RayEngine(AbstractEngine):
         try:
             shard = ray.remote(ClientShard).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=retries,
                                                     max_task_retries=retries)
+            ship_plugins_by_value()  # a plug-in problem's code travels with it
             self._problem_ref = [ray.put(problem)]  # wrapped: actors fetch it themselves, once
             self.actors = [shard.remote(inner, threads) for _ in range(self.num_actors)]
             # fail here (not mid-run) if the actors cannot be placed, e.g. too few CPUs on a cluster

@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, tr
 
 from fedopt.algorithms.base import Task
 
-__all__ = ["TaskCodec", "decode_tree", "dumps_task", "encode_tree", "loads_task"]
+__all__ = ["TaskCodec", "decode_tree", "dumps_task", "encode_tree", "loads_task", "ship_plugins_by_value"]
 
 _PROBLEM_ID = "fedopt:problem"
 
@@ -41,10 +41,56 @@ class _TaskUnpickler(pickle.Unpickler):
         return self._problem
 
 
+def ship_plugins_by_value() -> list[str]:
+    """Make plug-in code travel with the objects that use it.
+
+    A plug-in module imported from a plug-in folder (the config file's folder or the current
+    folder, see :func:`topologies.plugins.plugin_path`) is not importable in a Ray worker or a
+    Flower client process, which do not share this process's ``sys.path``. Every such top-level
+    module is registered with ``cloudpickle`` (and Ray's copy of it) to be pickled *by value*, so a
+    plug-in problem, model or task arrives with its code. Modules importable without those folders
+    (fedopt itself, installed packages) keep travelling by reference. Returns the names registered.
+    """
+    import importlib.machinery
+    import os
+    import sys
+
+    from topologies.plugins import active_paths
+
+    roots = [os.path.realpath(p) for p in active_paths()]
+    if not roots:
+        return []
+    elsewhere = [p for p in sys.path if p and os.path.realpath(p) not in roots]
+    names = []
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if "." in name or not file or not any(os.path.realpath(file).startswith(r + os.sep) for r in roots):
+            continue
+        if importlib.machinery.PathFinder.find_spec(name, elsewhere) is not None:
+            continue  # importable anyway (e.g. the current folder is a checkout of an installed package)
+        names.append(name)
+    picklers = []
+    import cloudpickle
+
+    picklers.append(cloudpickle)
+    try:
+        import ray.cloudpickle as ray_cloudpickle
+
+        picklers.append(ray_cloudpickle)
+    except ImportError:
+        pass
+    for name in names:
+        for pickler in picklers:
+            pickler.register_pickle_by_value(sys.modules[name])
+    return names
+
+
 def dumps_task(task: Task, problem: Any) -> bytes:
     """``task`` as bytes, with ``problem`` replaced by a reference (needs ``cloudpickle``, which the
     ``ray`` and ``flower`` extras bring)."""
     import cloudpickle
+
+    ship_plugins_by_value()  # a plug-in algorithm's task code travels with the task
 
     class TaskPickler(cloudpickle.CloudPickler):
         def persistent_id(self, obj: Any) -> str | None:
