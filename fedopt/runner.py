@@ -69,6 +69,7 @@ def build(cfg: RunConfig) -> Built:
     device = _device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
     algorithm = ALGORITHMS.get(cfg.algorithm.name)(**cfg.algorithm.params)
+    _made("algorithm", cfg.algorithm.name, algorithm, (FederatedAlgorithm, DecentralizedAlgorithm))
     network = None
     if isinstance(algorithm, DecentralizedAlgorithm):
         check(cfg.topology is not None,
@@ -93,6 +94,7 @@ def build(cfg: RunConfig) -> Built:
     problem = PROBLEMS.get(cfg.problem.name)(context, **cfg.problem.params)
     from fedopt.problems.base import AbstractMinimaxProblem
 
+    _made("problem", cfg.problem.name, problem, (AbstractBilevelProblem, AbstractMinimaxProblem))
     solves = getattr(algorithm, "solves", "bilevel")
     is_minimax = isinstance(problem, AbstractMinimaxProblem)
     check(is_minimax == (solves == "minimax"),
@@ -100,11 +102,18 @@ def build(cfg: RunConfig) -> Built:
           f"{'minimax' if is_minimax else 'bilevel'}; allowed: "
           + (", ".join(n for n in PROBLEMS.names() if _is_minimax_factory(n) == (solves == "minimax"))))
     engine = ENGINES.get(cfg.engine.name)(problem, **cfg.engine.params)
+    _made("engine", cfg.engine.name, engine, (AbstractEngine,))
     reason = engine.refuses(algorithm, network)
     if reason is not None:
         engine.close()
         raise ConfigError(f"engine {cfg.engine.name!r} cannot run algorithm {cfg.algorithm.name!r}: {reason}")
     return Built(problem, algorithm, engine, network)
+
+
+def _made(kind: str, name: str, made: Any, allowed: tuple[type, ...]) -> None:
+    """A factory (a plug-in's, typically) must return what its registry makes: one line if not."""
+    check(isinstance(made, allowed), f"{kind} {name!r} returned {type(made).__name__}, not a "
+          f"{' or '.join(t.__name__ for t in allowed)}")
 
 
 def _is_minimax_factory(name: str) -> bool:

@@ -320,7 +320,8 @@ def test_every_other_engine_runs_it_bitwise_like_local_or_refuses_it_at_build(na
     raw = config(name, engine, rounds=2)
     if engine == "ray":
         engine_for = request.getfixturevalue("ray_engines")
-        raw["engine"]["params"] = {"inner": "local", "actors": 2}
+        # a third of a CPU per actor: the suite's three engines (one per problem) stay up together
+        raw["engine"]["params"] = {"inner": "local", "actors": 2, "num_cpus": 0.3}
     elif engine == "flower":
         pytest.importorskip("flwr")
     try:

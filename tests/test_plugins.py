@@ -161,6 +161,14 @@ PLUGS = """
         return k
 
 
+    def algo_returns_int(*, k: int = 1):
+        return k
+
+
+    def problem_returns_none(context, /, *, k: int = 1):
+        return None
+
+
     class Factories:
         pass
 """
@@ -188,6 +196,9 @@ BROKEN = {  # case: (table, plug-in name, what the line says)
                                "cannot read the type annotations of its factory \\(NameError: "),
     "topology module missing": ("topology", "no_such_graphs:ring", "topology 'no_such_graphs:ring': cannot import"),
     "topology module raises": ("topology", "raises_on_import:graph", "raised RuntimeError: plug-in refuses to load$"),
+    "algorithm of the wrong type": ("algorithm", "plugs:algo_returns_int",
+                                    "returned int, not a FederatedAlgorithm or DecentralizedAlgorithm$"),
+    "problem of the wrong type": ("problem", "plugs:problem_returns_none", "returned NoneType, not a AbstractBilevelProblem"),
     "unknown name": ("algorithm", "fedmbo_plus",
                      "unknown algorithm 'fedmbo_plus'; available: .*fedmbo.* \\(or a plug-in 'package.module:factory'\\)"),
     "dotted name without colon": ("data", "plugs.tiny", "unknown dataset .*did you mean 'plugs:tiny'\\?$"),

@@ -20,3 +20,10 @@ def test_readme_opens_with_two_commands_and_ci_runs_the_test_command():
     ci = (REPO / ".ci" / "run").read_text().splitlines()
     assert tests in ci
     assert (REPO / "experiments" / "configs" / "quickstart.toml").is_file()
+
+
+def test_the_readme_algorithm_is_the_example_package_verbatim():
+    text = (REPO / "README.md").read_text()
+    block = text.split("```python\n@conformance(", 1)[1].split("```", 1)[0]
+    source = (REPO / "examples" / "my_method" / "my_method" / "algorithm.py").read_text()
+    assert "@conformance(" + block in source
