@@ -118,13 +118,17 @@ def test_same_seed_same_table_and_the_run_moves(name):
     assert c.records != a.records  # the seed matters
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_local_and_vmap_agree(name):
+def check_local_and_vmap_agree(name: str) -> None:
     a, b = run(config(name, "local")), run(config(name, "vmap"))
     fa, fb = frame(a), frame(b)
     assert list(fa.columns) == list(fb.columns) and fa.shape == fb.shape
     assert float(np.abs(fa.to_numpy() - fb.to_numpy()).max()) <= 1e-10
     assert a.counters == b.counters
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_local_and_vmap_agree(name):
+    check_local_and_vmap_agree(name)
 
 
 # ---- accounting and purity ---------------------------------------------------------------------
@@ -203,6 +207,10 @@ class AuditEngine(LocalEngine):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_accounting_counts_the_calls_made_and_no_task_mutates_its_inputs(name):
+    check_accounting_and_purity(name)
+
+
+def check_accounting_and_purity(name: str) -> None:
     raw = config(name, "local")
     b = built(raw)
     data_before = {k: v.clone() for k, v in b.problem.data.items()}
@@ -341,3 +349,67 @@ def test_every_other_engine_runs_it_bitwise_like_local_or_refuses_it_at_build(na
             pytest.fail(f"ray refuses {name}: {reason}")
         other = run(raw, ray_engine, b=b)
     assert other.records == reference.records
+
+
+# ---- the suite can fail ----------------------------------------------------------------------
+
+
+BROKEN = """
+import torch
+
+from fedopt import oracles
+from fedopt import random as rnd
+from fedopt.algorithms.base import FederatedAlgorithm, Round, Steps, Task, conformance
+from my_method.algorithm import FedSOBAState
+
+
+def _soba(name, *, declared, noise, mutate):
+    @conformance(lr=0.2)
+    def factory(*, lr: float) -> FederatedAlgorithm:
+        def setup(problem, K, key):
+            f, g = problem.outer_loss, problem.inner_loss
+            calls = []
+
+            def directions(payload, client_payload, data, client, key):
+                x, y, v = payload
+                zeta = problem.inner_batch(data, client, rnd.fold_in(key, 0), 2)
+                xi = problem.outer_batch(data, client, rnd.fold_in(key, 1), 2)
+                hv, jv = oracles.hvp_and_jvp(g, x, y, zeta, v)
+                fx, fy = oracles.grad_xy(f, x, y, xi)
+                if mutate:
+                    x.add_(0.0 * x + 1e-3)  # writes into the broadcast payload
+                calls.append(1)  # hidden state: a task's calls differ between a loop and one batched call
+                d_x = fx - jv + (1e-3 * len(calls) if noise else 0.0)
+                return oracles.grad_y(g, x, y, zeta), hv - fy, d_x
+
+            task = Task(name, directions, declared)
+
+            def step(s, k):
+                d_y, d_v, d_x = (yield Round(task, (s.x.clone(), s.y, s.v), 4)).mean()
+                return FedSOBAState(s.x - lr * d_x, s.y - lr * d_y, s.v - lr * d_v)
+
+            return Steps(lambda x0, y0: FedSOBAState(x0, y0, torch.zeros_like(y0)), step)
+
+        return FederatedAlgorithm(name, 4, False, setup)
+
+    return factory
+
+
+undercounted = _soba("undercounted", declared={"grad": 1, "hvp": 1, "jvp": 1}, noise=False, mutate=False)
+noisy = _soba("noisy", declared={"grad": 2, "hvp": 1, "jvp": 1}, noise=True, mutate=False)
+mutating = _soba("mutating", declared={"grad": 2, "hvp": 1, "jvp": 1}, noise=False, mutate=True)
+"""
+
+
+@pytest.mark.parametrize("broken, check, expected", [
+    ("undercounted", check_accounting_and_purity, "declared"),
+    ("mutating", check_accounting_and_purity, "mutated its inputs"),
+    ("noisy", check_local_and_vmap_agree, None),
+])
+def test_the_suite_rejects_a_broken_algorithm(tmp_path, broken, check, expected):
+    (tmp_path / "broken_algorithms.py").write_text(BROKEN)
+    with plugin_path(tmp_path):
+        name = f"broken_algorithms:{broken}"
+        run(config(name, "local"))  # it runs: only the suite's checks can tell
+        with pytest.raises(AssertionError, match=expected):
+            check(name)
