@@ -113,7 +113,7 @@ def test_bad_flower_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
     dec = dec_config("ma_dsbo", "ring", n=4, rounds=2)
     dec["engine"] = {"name": "flower"}
     assert _cli(tmp_path, dec) == 2
-    assert "engine 'flower' runs federated algorithms; 'ma_dsbo' is decentralized" in capsys.readouterr().err
+    assert "engine 'flower' cannot run algorithm 'ma_dsbo': it runs federated algorithms" in capsys.readouterr().err
     raw["engine"] = {"name": "flower"}
     monkeypatch.setitem(sys.modules, "flwr.simulation", None)  # as if the extra were not installed
     assert _cli(tmp_path, raw) == 2
