@@ -46,7 +46,7 @@ from fedopt.errors import check
 from fedopt.problems.base import AbstractBilevelProblem
 from fedopt.registry import ALGORITHMS
 
-__all__ = ["AIDState", "DTFBOState", "SOBAState", "STFBOState", "aid", "d_tfbo", "s_tfbo", "soba"]
+__all__ = ["AIDState", "SOBAState", "TFBOState", "aid", "d_tfbo", "s_tfbo", "soba"]
 
 
 class AIDState(NamedTuple):
@@ -64,22 +64,11 @@ class AIDState(NamedTuple):
     acc_v: torch.Tensor | None = None
 
 
-class DTFBOState(NamedTuple):
-    r"""D-TFBO's server state after outer iteration :math:`t`: ``x``, ``y``, ``v``; ``alpha_sq``,
-    ``beta_sq``, ``gamma_sq``: the accumulators :math:`\alpha^2, \beta^2, \gamma^2` (the last two
-    restarted from :math:`\beta_0^2, \gamma_0^2` every iteration under ``accumulators="cold"``)."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-    v: torch.Tensor
-    alpha_sq: torch.Tensor
-    beta_sq: torch.Tensor
-    gamma_sq: torch.Tensor
-
-
-class STFBOState(NamedTuple):
-    r"""S-TFBO's server state after iteration :math:`t`: ``x``, ``y``, ``v``; ``alpha_sq``,
-    ``beta_sq``, ``gamma_sq``: the accumulators :math:`\alpha^2, \beta^2, \gamma^2`."""
+class TFBOState(NamedTuple):
+    r"""D-TFBO's and S-TFBO's server state after outer iteration :math:`t`: ``x``, ``y``, ``v``;
+    ``alpha_sq``, ``beta_sq``, ``gamma_sq``: the accumulators :math:`\alpha^2, \beta^2, \gamma^2`
+    (D-TFBO restarts the last two from :math:`\beta_0^2, \gamma_0^2` every iteration under
+    ``accumulators="cold"``)."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -240,10 +229,10 @@ def d_tfbo(
         def sq(c: float, like: torch.Tensor) -> torch.Tensor:
             return torch.tensor(c**2, dtype=like.dtype, device=like.device)
 
-        def init(x0: torch.Tensor, y0: torch.Tensor) -> DTFBOState:
-            return DTFBOState(x0, y0, torch.zeros_like(y0), sq(alpha0, x0), sq(beta0, x0), sq(gamma0, x0))
+        def init(x0: torch.Tensor, y0: torch.Tensor) -> TFBOState:
+            return TFBOState(x0, y0, torch.zeros_like(y0), sq(alpha0, x0), sq(beta0, x0), sq(gamma0, x0))
 
-        def step(s: DTFBOState, k: int) -> Program:
+        def step(s: TFBOState, k: int) -> Program:
             x, y, v = s.x, s.y, s.v
             beta_sq, gamma_sq = (sq(beta0, x), sq(gamma0, x)) if accumulators == "cold" else (s.beta_sq, s.gamma_sq)
             for _ in range(steps):  # (a) lower level
@@ -258,7 +247,7 @@ def d_tfbo(
                 v, gamma_sq = tuning_free(v, d, gamma_sq)
             h = (yield everyone(tasks["hypergrad"], (x, y, v))).mean()  # (c) upper level
             x, alpha_sq = tuning_free(x, h, s.alpha_sq)
-            return DTFBOState(x, y, v, alpha_sq, beta_sq, gamma_sq)
+            return TFBOState(x, y, v, alpha_sq, beta_sq, gamma_sq)
 
         return Steps(init, step)
 
@@ -296,12 +285,12 @@ def s_tfbo(
         joint = node_tasks(problem, batch_size=batch_size)["joint"]
         everyone = _everyone(problem)
 
-        def init(x0: torch.Tensor, y0: torch.Tensor) -> STFBOState:
+        def init(x0: torch.Tensor, y0: torch.Tensor) -> TFBOState:
             alpha_sq, beta_sq, gamma_sq = (torch.tensor(c**2, dtype=x0.dtype, device=x0.device)
                                            for c in (alpha0, beta0, gamma0))
-            return STFBOState(x0, y0, torch.zeros_like(y0), alpha_sq, beta_sq, gamma_sq)
+            return TFBOState(x0, y0, torch.zeros_like(y0), alpha_sq, beta_sq, gamma_sq)
 
-        def step(s: STFBOState, k: int) -> Program:
+        def step(s: TFBOState, k: int) -> Program:
             x, y, v = s.x, s.y, s.v
             g_y, g_v, g_x = (yield everyone(joint, (x, y, v))).mean()
             alpha_sq, beta_sq, gamma_sq = s.alpha_sq + _sq(g_x), s.beta_sq + _sq(g_y), s.gamma_sq + _sq(g_v)
@@ -310,7 +299,7 @@ def s_tfbo(
             y = y - g_y / (beta + eps)
             v = v - g_v / (phi + eps)
             x = x - g_x / (alpha * phi + eps)
-            return STFBOState(x, y, v, alpha_sq, beta_sq, gamma_sq)
+            return TFBOState(x, y, v, alpha_sq, beta_sq, gamma_sq)
 
         return Steps(init, step)
 
