@@ -307,6 +307,7 @@ def simulate(
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[Checkpoint], None] | None = None,
     resume: Checkpoint | None = None,
+    state_metrics: Callable[[Any], dict[str, float]] | None = None,
 ) -> RunResult:
     """Run ``algorithm`` for ``rounds`` outer iterations and measure every ``eval_every``.
 
@@ -314,7 +315,9 @@ def simulate(
     ``"finished"``, the last records are that iteration's): e.g. iterations to a tolerance,
     ``stop_when=lambda m: m["hypergrad_norm_sq"] <= 1e-8``. ``on_checkpoint(checkpoint)`` is called
     every ``checkpoint_every`` outer iterations (not after the last); ``resume=checkpoint``
-    continues from one (the records before it are kept)."""
+    continues from one (the records before it are kept). ``state_metrics(state)`` adds metrics of
+    the algorithm's internal state at every evaluation (e.g. ``lambda s: {"acc_x": float(s.acc_x)}``),
+    next to the algorithm's own ``diagnostics``."""
     server = Server(problem, engine, seed)
     steps = algorithm.setup(problem, rounds, server.server_key)
     state = steps.init(*problem.init())
@@ -328,7 +331,8 @@ def simulate(
 
     def at(k: int, s: Any) -> bool:
         def metrics() -> dict[str, float]:
-            return {**problem.metrics(s.x, s.y), **(steps.diagnostics(s) if steps.diagnostics else {})}
+            return {**problem.metrics(s.x, s.y), **(steps.diagnostics(s) if steps.diagnostics else {}),
+                    **(state_metrics(s) if state_metrics else {})}
 
         return evals.at(k, [s.x, s.y], metrics)
 
@@ -364,6 +368,7 @@ def simulate_decentralized(
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[Checkpoint], None] | None = None,
     resume: Checkpoint | None = None,
+    state_metrics: Callable[[Any], dict[str, float]] | None = None,
 ) -> RunResult:
     r"""Run a decentralized algorithm on ``network`` (its nodes are the problem's clients).
 
@@ -371,7 +376,7 @@ def simulate_decentralized(
     gossip round ``t`` mixes with the network's ``W_t``. Metrics at each evaluation: the problem's
     metrics at the network averages :math:`(\bar x, \bar y)` and ``consensus_<v>`` =
     (1/n) sum_i ||v_i - v_bar||^2 for every variable the algorithm reports. ``stop_when``,
-    checkpoints and ``resume`` as in :func:`simulate`."""
+    checkpoints, ``resume`` and ``state_metrics`` as in :func:`simulate`."""
     n = network.n
     check(n == problem.num_clients, f"the topology has {n} nodes but the problem has {problem.num_clients} clients")
     device = problem.device
@@ -418,7 +423,8 @@ def simulate_decentralized(
             x_bar, y_bar = variables["x"].mean(0), variables["y"].mean(0)
             return {**problem.metrics(x_bar, y_bar),
                     **{f"consensus_{name}": _consensus(v) for name, v in variables.items()},
-                    **(steps.diagnostics(s) if steps.diagnostics else {})}
+                    **(steps.diagnostics(s) if steps.diagnostics else {}),
+                    **(state_metrics(s) if state_metrics else {})}
 
         return evals.at(k, list(variables.values()), metrics)
 

@@ -58,7 +58,7 @@ class AbstractEngine(ABC):
         """Run ``algorithm`` to the end: :func:`fedopt.simulation.simulate` (or
         :func:`~fedopt.simulation.simulate_decentralized` on ``network``) with this engine and the
         loop options ``loop`` (``rounds``, ``seed``, ``eval_every``, ``on_iterate``, ``stop_when``,
-        ``checkpoint_every``, ``on_checkpoint``, ``resume``)."""
+        ``checkpoint_every``, ``on_checkpoint``, ``resume``, ``state_metrics``)."""
         from fedopt.simulation import simulate, simulate_decentralized
 
         if network is not None:

@@ -136,3 +136,19 @@ def test_dbo_resume_is_bit_identical(case: str) -> None:
 @pytest.mark.parametrize("case", sorted(CENTRALIZED_CASES))
 def test_centralized_resume_is_bit_identical(case: str) -> None:
     _resume_matches(CENTRALIZED_CASES[case])
+
+
+# --- internal variables as metrics ----------------------------------------------------------------
+
+
+def test_state_metrics_report_internal_variables_at_every_evaluation():
+    """A tuning-free FedMBO's accumulators are part of its state and can be measured like any
+    metric; they only grow (c^2 += ||d||^2)."""
+    raw = quadratic_config(clients=6, rounds=5, params={"step_rule": "tuning_free", "clients_per_round": 3})
+    b = built(raw)
+    res = simulate(b.problem, b.algorithm, b.engine, rounds=5, seed=0,
+                   state_metrics=lambda s: {"acc_x": float(s.acc_x), "acc_y": float(s.acc_y)})
+    acc_x = [v for k, _, name, v in res.records if name == "acc_x"]
+    assert len(acc_x) == 6 and acc_x[0] == 1 / 0.5**2
+    assert all(b > a for a, b in zip(acc_x, acc_x[1:]))
+    assert acc_x[-1] == float(res.state.acc_x)
