@@ -138,7 +138,7 @@ def test_host_key_derivation_and_cohort_sampling_match_their_plain_definitions()
 
 
 def test_sampling_breaks_ties_at_the_cut_like_the_stable_argsort(monkeypatch):
-    from fedopt import runner
+    from fedopt import simulation as runner
 
     u = np.array([0.5, 0.1, 0.3, 0.1, 0.3, 0.9, 0.3])
     monkeypatch.setattr(runner.rnd, "uniform_host", lambda k, n: u[:n])
@@ -172,7 +172,7 @@ def test_block_sampled_cohorts_and_keys_equal_the_round_by_round_ones():
 
 
 def test_block_sampling_breaks_ties_at_the_cut_like_the_stable_argsort():
-    from fedopt.runner import _smallest
+    from fedopt.simulation import _smallest
 
     u = np.array([[0.5, 0.1, 0.3, 0.1, 0.3, 0.9, 0.3],  # ties across the cut for m = 3, 4
                   [0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1],
