@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import cli_in_process
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "my_method"
 
@@ -27,23 +28,6 @@ def _fedopt(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: i
     return subprocess.run([sys.executable, "-m", "fedopt.cli", *args], cwd=cwd, env=env or _env(),
                           capture_output=True, text=True, timeout=timeout)
 
-
-def _main(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """The same command through ``fedopt.cli.main`` in this process (no new interpreter to start):
-    ``main`` resolves plug-ins from the config's folder and ``cwd`` exactly as the script does."""
-    import contextlib
-    import io
-
-    from fedopt.cli import main
-
-    err, here = io.StringIO(), Path.cwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            code = main(list(args))
-    finally:
-        os.chdir(here)
-    return subprocess.CompletedProcess(args, code, "", err.getvalue())
 
 
 @pytest.fixture
@@ -65,7 +49,7 @@ SHORT = ("--set", "rounds=4", "--set", "eval_every=1", "--quiet")
 def test_dotted_paths_run_on_every_engine_with_the_engines_agreements(example):
     runs = {}
     for engine in ("local", "vmap", "ray", "flower"):  # fresh shells for local and flower, main() for the others
-        command = _fedopt if engine in ("local", "flower") else _main
+        command = _fedopt if engine in ("local", "flower") else cli_in_process
         r = command("run", "fed_soba_digits.toml", "--out", f"runs/{engine}", "--set", f"engine.name={engine}",
                     *SHORT, cwd=example)
         assert r.returncode == 0, r.stderr
@@ -101,7 +85,8 @@ def test_installed_the_plugins_are_found_by_their_entry_point_names(example, tmp
     r = _fedopt("run", "c.toml", "--out", "ep", *SHORT, cwd=elsewhere, env=_env(PYTHONPATH=str(site)))
     assert r.returncode == 0, r.stderr
     by_name = _metrics(elsewhere / "ep")
-    r = _main("run", "fed_soba_digits.toml", "--out", "dotted", "--set", "engine.name=vmap", *SHORT, cwd=example)
+    r = cli_in_process("run", "fed_soba_digits.toml", "--out", "dotted", "--set", "engine.name=vmap", *SHORT,
+                       cwd=example)
     assert r.returncode == 0, r.stderr
     assert np.array_equal(by_name.to_numpy(), _metrics(example / "dotted").to_numpy())
 

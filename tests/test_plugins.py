@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import tomli_w
+from helpers import cli_in_process
 
 import topologies
 from fedopt.config import check_params, load_config
@@ -227,28 +228,9 @@ def broken_runs(tmp_path_factory):
         runs = dict(zip(fresh, pool.map(lambda c: _fedopt(*args(c), cwd=root), fresh), strict=True))
     for case in BROKEN:
         if case not in fresh:
-            runs[case] = _in_process(*args(case), cwd=root)
+            runs[case] = cli_in_process(*args(case), cwd=root)
     return root, runs
 
-
-def _in_process(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
-    """``fedopt.cli.main(argv)`` run in ``cwd``, as a CompletedProcess (stderr captured)."""
-    import contextlib
-    import io
-
-    from fedopt.cli import main
-
-    err, here = io.StringIO(), Path.cwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            try:
-                code = main(list(argv))
-            except SystemExit as e:
-                code = e.code
-    finally:
-        os.chdir(here)
-    return subprocess.CompletedProcess(argv, code, "", err.getvalue())
 
 
 @pytest.mark.parametrize("case", list(BROKEN))

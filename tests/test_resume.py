@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import cli_in_process
 import tomli_w
 
 from fedopt import results
@@ -56,19 +57,7 @@ def _fedopt(*args: str, cwd: Path, capsys=None) -> subprocess.CompletedProcess:
     if capsys is None:
         return subprocess.run([sys.executable, "-m", "fedopt.cli", *args], cwd=cwd, env=_env(), capture_output=True,
                               text=True, timeout=300)
-    from fedopt.cli import main
-
-    capsys.readouterr()
-    here = Path.cwd()
-    os.chdir(cwd)
-    try:
-        code = main(list(args))
-    except SystemExit as e:
-        code = e.code
-    finally:
-        os.chdir(here)
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out.out, out.err)
+    return cli_in_process(*args, cwd=cwd)
 
 
 def _kill_at_half(cmd: list[str], cwd: Path, checkpoint: Path, half: int) -> int:
