@@ -96,3 +96,30 @@ def cli_in_process(*argv: str, cwd):
     finally:
         os.chdir(here)
     return subprocess.CompletedProcess(list(argv), code, out.getvalue(), err.getvalue())
+
+
+def folder_snapshot(folder) -> dict[str, tuple[int, int, bytes]]:
+    """Every path under ``folder`` with its mode, size and content (folders: empty content)."""
+    from pathlib import Path
+
+    snap = {}
+    for p in sorted(Path(folder).rglob("*")):
+        st = p.lstat()
+        snap[str(p.relative_to(folder))] = (st.st_mode, st.st_size, p.read_bytes() if p.is_file() else b"")
+    return snap
+
+
+def refused(*argv: str, cwd, contains: str | tuple[str, ...] = ()) -> str:
+    """Run ``fedopt argv`` in-process in ``cwd`` and assert the bad-input contract: exit code 2,
+    exactly one line on stderr and nothing on stdout, no traceback, and ``cwd`` unchanged (no file
+    written, removed or modified). Returns the line; ``contains`` are substrings it must name."""
+    before = folder_snapshot(cwd)
+    done = cli_in_process(*argv, cwd=cwd)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    assert len(lines) == 1 and not done.stdout.strip(), (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    assert folder_snapshot(cwd) == before, "a refused command changed its folder"
+    for part in (contains,) if isinstance(contains, str) else contains:
+        assert part in lines[0], (part, lines[0])
+    return lines[0]
