@@ -4,15 +4,25 @@
 client; its ServerApp builds the algorithm's strategy (:mod:`fedopt.flower`) and calls
 ``strategy.start(grid, num_rounds=rounds)``; the ClientApp is :func:`fedopt.flower.client_app`.
 Set-up, as measured in ``../notes/flower_ray.md``: telemetry and update checks off, a private Ray
-instance (``address="local"``, ``actors * num_cpus`` CPUs), ``num_cpus`` per client actor (Flower's
+instance (``actors * num_cpus`` CPUs, listening on 127.0.0.1 only:
+:func:`fedopt.engines.ray_runtime.start_local`), ``num_cpus`` per client actor (Flower's
 default of 2 gives one actor on a 2-core machine), a finite per-round ``timeout`` (a crashed
 simulation otherwise leaves the ServerApp thread waiting for an hour), and Flower's 0.1 s message
 poll lowered to ``pull_interval``. ``run_simulation`` is deprecated in Flower 1.42 but is the only
 in-process entry point; it is wrapped here, in one place.
+
+Ray ownership: the engine shuts down only a Ray it started. A Ray the caller initialised (a test
+session's, a notebook's) is used and left running: Flower's backend would shut down whatever Ray it
+finds when a simulation ends (``RayBackend.terminate``), so during :meth:`FlowerEngine.run` that step
+only stops Flower's actors. Inside a Ray worker (a task of ``fedopt sweep --executor ray``, an
+actor) the engine is refused at build time in one line: Flower's simulation needs a Ray driver of
+its own, and one cannot be started in a process that is already a Ray worker (run such sweeps with
+``--executor process``; the sweep refuses the combination before any run).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -20,11 +30,14 @@ from typing import Any
 import torch
 
 from fedopt.engines.base import AbstractEngine
+from fedopt.engines.ray_runtime import inside_ray_worker, start_local
 from fedopt.errors import ConfigError, check
 from fedopt.registry import ENGINES
 
 __all__ = ["FlowerEngine", "flower_engine"]
 
+INSIDE_RAY_WORKER = ("engine 'flower' cannot run inside a Ray task or actor (Flower's simulation needs a Ray "
+                     "of its own); with fedopt sweep use --executor process")
 _ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
 
 
@@ -47,6 +60,7 @@ class FlowerEngine(AbstractEngine):
         for k, v in _ENV.items():
             os.environ.setdefault(k, v)
         self.flower = _flower()
+        check(not inside_ray_worker(), INSIDE_RAY_WORKER)
         on_cuda = torch.device(problem.device).type == "cuda"
         if num_gpus is None:
             num_gpus = 1.0 / actors if on_cuda else 0.0
@@ -95,32 +109,50 @@ class FlowerEngine(AbstractEngine):
         import ray
 
         threads = torch.get_num_threads()
-        init_args = {"num_cpus": self.actors * self.num_cpus, "num_gpus": 1 if self.num_gpus else 0,
-                     "address": "local", "include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
-        if not ray.is_initialized():  # started here so the problem can be put in the object store first;
-            # Flower's backend then reuses it and shuts it down at the end of the simulation
-            ray.init(**init_args)
-        from fedopt.engines.wire import ship_plugins_by_value
-
-        ship_plugins_by_value()  # a plug-in problem's and task's code travel with them
-        problem_ref = fl.ProblemRef(ray.put(self.problem))
-        backend = {"client_resources": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}, "init_args": init_args}
-        quiet = _Quiet()
+        started_here = not ray.is_initialized()
+        if started_here:  # before the simulation, so the problem can be put in the object store first
+            start_local(self.actors * self.num_cpus, num_gpus=1 if self.num_gpus else 0)
         try:
-            with quiet:
+            from fedopt.engines.wire import ship_plugins_by_value
+
+            ship_plugins_by_value()  # a plug-in problem's and task's code travel with them
+            problem_ref = fl.ProblemRef(ray.put(self.problem))
+            backend = {"client_resources": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}}
+            quiet = _Quiet()
+            with quiet, _flower_leaves_ray_running():
                 run_simulation(server_app=server, client_app=fl.client_app(problem_ref),
                                num_supernodes=self.problem.num_clients, backend_name="ray", backend_config=backend)
-        finally:
             del problem_ref
-            if ray.is_initialized():
+        finally:
+            if started_here and ray.is_initialized():
                 ray.shutdown()
-        torch.set_num_threads(threads)
+            torch.set_num_threads(threads)
         if failure:
             raise failure[0]
         if strategy.run_result is None:
             raise RuntimeError("the Flower simulation ended before the strategy finished: "
                                + (quiet.last_error or "see Flower's log"))
         return strategy.run_result
+
+
+@contextlib.contextmanager
+def _flower_leaves_ray_running():
+    """Flower's Ray backend ends a simulation with ``ray.shutdown()``, whoever started Ray: for the
+    duration of a run it only stops its actors, and :meth:`FlowerEngine.run` shuts down the Ray it
+    started itself."""
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    original = RayBackend.__dict__["terminate"]
+
+    def terminate(self) -> None:
+        if getattr(self, "pool", None):
+            self.pool.terminate_all_actors()
+
+    RayBackend.terminate = terminate
+    try:
+        yield
+    finally:
+        RayBackend.terminate = original
 
 
 class _Quiet:

@@ -29,12 +29,16 @@ so the trajectory is unchanged (tested by killing an actor mid-run).
 
 Cluster
 -------
-``address = None`` starts a private local Ray instance with exactly ``actors * num_cpus`` CPUs
-(``address="local"``: never attaches to a cluster found in Ray's temp folder) and shuts it down in
-:meth:`RayEngine.close`. ``address = "auto"`` or ``"ray://host:port"`` joins an existing cluster;
-``close`` then disconnects and leaves the cluster running. A Ray already initialised in the
-process (a test session's, a sweep task's) is used as it is and left running. An unreachable address, ``num_gpus > 0`` without CUDA, or Ray not
-installed are :class:`~fedopt.errors.ConfigError`\ s (one line, exit code 2).
+``address = None`` starts a private local Ray instance with exactly ``actors * num_cpus`` CPUs,
+listening on 127.0.0.1 only (:func:`fedopt.engines.ray_runtime.start_local`; never attaches to a
+cluster found in Ray's temp folder) and shuts it down in :meth:`RayEngine.close`. ``address =
+"auto"``, ``"host:port"`` (a GCS) or ``"ray://host:port"`` (a Ray Client server) joins an existing
+cluster once a gRPC probe has had an answer only Ray gives (:func:`~fedopt.engines.ray_runtime.probe`);
+``close`` then disconnects and leaves the cluster running. A Ray already initialised in the process
+(a test session's, a sweep task's) is used as it is and left running: the engine shuts down only a
+Ray it started or joined. An unreachable address, a port where something other than Ray listens,
+``num_gpus > 0`` without CUDA, or Ray not installed are :class:`~fedopt.errors.ConfigError`\ s (one
+line, exit code 2, within seconds).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from torch.utils._pytree import tree_map
 
 from fedopt.algorithms.base import Task
 from fedopt.engines.base import AbstractEngine
+from fedopt.engines.ray_runtime import import_ray, join, start_local
 from fedopt.engines.wire import TaskCodec, decode_tree, encode_tree, loads_task, ship_plugins_by_value
 from fedopt.errors import ConfigError, check
 from fedopt.registry import ENGINES
@@ -57,7 +62,6 @@ __all__ = ["RayEngine", "ray_engine"]
 
 INNER = ("vmap", "local")
 GOSSIP = ("actors", "driver")
-_CONNECT_TIMEOUT_S = 20
 
 
 class ClientShard:
@@ -111,14 +115,6 @@ class ClientShard:
         return os.getpid()
 
 
-def _ray():
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("engine 'ray' needs Ray: pip install 'fedopt[ray]'") from None
-    return ray
-
-
 class RayEngine(AbstractEngine):
     """Clients (or decentralized nodes) sharded over a pool of Ray actors."""
 
@@ -126,7 +122,7 @@ class RayEngine(AbstractEngine):
                  address: str | None = None, inner: str = "vmap", gossip: str = "actors", retries: int = 3,
                  threads: int = 1) -> None:
         super().__init__(problem)
-        ray = _ray()
+        ray = import_ray("engine 'ray'")
         on_cuda = torch.device(problem.device).type == "cuda"
         if num_gpus is None:
             num_gpus = 1.0 / actors if on_cuda else 0.0
@@ -139,7 +135,6 @@ class RayEngine(AbstractEngine):
         self.num_actors = min(actors, problem.num_clients)
         self.block = math.ceil(problem.num_clients / self.num_actors)
         self._started_here = False  # whether this engine called ray.init (and so must shut it down)
-        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
         self._ray = ray
         self._connect(address, num_cpus)
         total = ray.cluster_resources()
@@ -166,26 +161,13 @@ class RayEngine(AbstractEngine):
         self._blobs: dict[str, Any] = {}
 
     def _connect(self, address: str | None, num_cpus: float) -> None:
-        ray = self._ray
-        if ray.is_initialized():  # e.g. a test session's or a sweep's Ray: use it, leave it running
+        if self._ray.is_initialized():  # e.g. a test session's or a sweep's Ray: use it, leave it running
             return
-        kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
-        try:
-            if address is None:
-                ray.init(address="local", num_cpus=max(1, math.ceil(self.num_actors * num_cpus)), **kwargs)
-                self._started_here = True
-            else:
-                _check_reachable(address)
-                # a failed join otherwise prints Ray's own C++ retry log lines above our one line
-                os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-                ray.init(address=address, **kwargs)
-            self._started_here = True
-        except ConfigError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any failure to reach Ray is bad input here
-            msg = str(e).splitlines()[0] if str(e) else ""
-            raise ConfigError(f"cannot start or reach Ray (engine.params.address={address or 'local'!r}): "
-                              f"{type(e).__name__}: {msg}") from None
+        if address is None:
+            start_local(self.num_actors * num_cpus)
+        else:
+            join(address, where="engine.params.address")
+        self._started_here = True
 
     # ---- federated rounds ------------------------------------------------------------------
 
@@ -276,23 +258,6 @@ class RayEngine(AbstractEngine):
             ray.shutdown()
 
 
-def _check_reachable(address: str) -> None:
-    """Fail fast (one line, a few seconds) on an address nothing listens at; ``ray.init`` itself
-    can retry for minutes."""
-    import socket
-
-    if address == "auto":
-        return  # ray.init("auto") fails at once when no cluster is recorded on this machine
-    hostport = address.split("://", 1)[-1]
-    host, _, port = hostport.rpartition(":")
-    check(bool(host) and port.isdigit(),
-          f"engine.params.address = {address!r} is not 'auto', 'ray://host:port' or 'host:port'")
-    try:
-        socket.create_connection((host, int(port)), timeout=5).close()
-    except OSError as e:
-        raise ConfigError(f"cannot reach Ray at engine.params.address = {address!r}: {e.strerror or e}") from None
-
-
 @ENGINES.register("ray")
 def ray_engine(problem, *, actors: int = 2, num_cpus: float = 1.0, num_gpus: float | None = None,
                address: str | None = None, inner: str = "vmap", gossip: str = "actors", retries: int = 3,
@@ -304,8 +269,9 @@ def ray_engine(problem, *, actors: int = 2, num_cpus: float = 1.0, num_gpus: flo
         num_cpus: CPUs reserved per actor.
         num_gpus: GPU share per actor (fractional allowed); default: ``1 / actors`` when the
             problem is on CUDA, else 0. Needs CUDA.
-        address: ``None`` (a private local Ray started and stopped with the run), ``"auto"`` or
-            ``"ray://host:port"`` (join an existing cluster).
+        address: ``None`` (a private local Ray on 127.0.0.1, started and stopped with the run),
+            ``"auto"``, ``"host:port"`` (a GCS) or ``"ray://host:port"`` (a Ray Client server): join an
+            existing cluster (probed first: anything but Ray there is one error line within seconds).
         inner: how an actor runs its clients: ``"vmap"`` (batched) or ``"local"`` (a loop: bitwise
             the ``local`` engine's trajectory).
         gossip: ``"actors"`` (each actor mixes its rows from its neighbour blocks) or ``"driver"``.
