@@ -248,20 +248,39 @@ def _process(todo: list[Point], threads: int, workers: int, address: str | None,
                 fut.cancel()
 
 
+RUN_TIMEOUT_ENV = "FEDOPT_RAY_RUN_TIMEOUT_S"
+_WAIT_SLICE_S = 1.0
+
+
+def _ray_run_timeout() -> float | None:
+    """The ray executor's per-run limit in seconds (``FEDOPT_RAY_RUN_TIMEOUT_S``; unset: none)."""
+    raw = os.environ.get(RUN_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    check(value > 0 and value != float("inf"), f"{RUN_TIMEOUT_ENV} must be a number of seconds > 0, got {raw!r}")
+    return value
+
+
 def _ray(todo: list[Point], threads: int, workers: int, address: str | None,
          checkpoints: dict[str, str]) -> Iterator[tuple[Point, dict]]:
-    import ray
+    """Runs as Ray tasks of one CPU on a local Ray (``workers`` CPUs, 127.0.0.1 only) or the cluster
+    at ``address``. At most as many tasks as there are CPUs are in flight, so a task starts when it
+    is submitted. Every wait is bounded: results are awaited in 1 s slices (an interrupt is seen
+    within a second), a run whose worker or node died is a failed run carrying Ray's error, and with
+    ``FEDOPT_RAY_RUN_TIMEOUT_S`` set a run that takes longer is cancelled (its worker killed) and
+    recorded as failed."""
+    from fedopt.engines import ray_runtime
 
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    try:
-        if address:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-        else:  # "local": never attach to a cluster some other session left running
-            ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False,
-                     logging_level="ERROR")
-    except Exception as e:  # noqa: BLE001 -- any failure to reach Ray is bad input here
-        raise ConfigError(f"cannot start or reach Ray (address={address or 'local'!r}): "
-                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    ray = ray_runtime.import_ray("the ray executor")
+    limit = _ray_run_timeout()
+    if address:
+        ray_runtime.join(address, where="--address")
+    else:  # "local": never attach to a cluster some other session left running
+        ray_runtime.start_local(workers)
     try:
         # Ray workers do not inherit this process's sys.path (only its working folder): hand them
         # the plug-in folders as PYTHONPATH, ahead of whatever PYTHONPATH this process has
@@ -270,28 +289,65 @@ def _ray(todo: list[Point], threads: int, workers: int, address: str | None,
             inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
             options["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(extra + inherited))}}
         task = ray.remote(**options)(execute_point)
-        pending = {task.remote(p.config.to_dict(), threads, checkpoints.get(p.run_id)): p for p in todo}
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
+        window = workers if not address else max(workers, int(ray.cluster_resources().get("CPU", workers)))
+        queue = list(reversed(todo))
+        pending: dict[Any, tuple[Point, float]] = {}
+        while queue or pending:
+            while queue and len(pending) < window:
+                p = queue.pop()
+                pending[task.remote(p.config.to_dict(), threads, checkpoints.get(p.run_id))] = (p, time.monotonic())
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=_WAIT_SLICE_S)
             for ref in done:
-                yield pending.pop(ref), ray.get(ref)
+                p, started = pending.pop(ref)
+                try:
+                    outcome = ray.get(ref, timeout=60)
+                except ray.exceptions.RayError as e:  # the worker or its node died, the result was lost
+                    outcome = _ray_failure(f"{type(e).__name__}: {_first_line(e)}", started)
+                yield p, outcome
+            if limit is not None:
+                for ref, (p, started) in list(pending.items()):
+                    if time.monotonic() - started > limit:
+                        ray.cancel(ref, force=True)
+                        del pending[ref]
+                        yield p, _ray_failure(f"TimeoutError: the run took longer than {limit:g} s "
+                                              f"({RUN_TIMEOUT_ENV}); its worker was stopped", started)
     finally:
         ray.shutdown()
+
+
+def _ray_failure(error: str, started: float) -> dict[str, Any]:
+    return {"status": "failed", "error": error, "records": [], "wall_time_s": time.monotonic() - started}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
 
 
 _EXECUTOR_FNS: dict[str, Callable[..., Iterator[tuple[Point, dict]]]] = {
     "serial": _serial, "process": _process, "ray": _ray}
 
 
-def check_executor(name: str, address: str | None) -> None:
-    """Bad executor choices fail here, before any run."""
+def check_executor(name: str, address: str | None, points: list[Point] | None = None) -> None:
+    """Bad executor choices fail here, before any run and before anything is written: an unknown
+    executor, ``--address`` without ``ray``, Ray not installed, an ``address`` where no Ray answers
+    (probed, a few seconds at most), a bad ``FEDOPT_RAY_RUN_TIMEOUT_S``, and ``points`` whose
+    engine cannot run inside a Ray task (``flower``: its simulation needs a Ray of its own)."""
     check(name in EXECUTORS, f"unknown executor {name!r}; available: {', '.join(EXECUTORS)}")
     check(address is None or name == "ray", f"--address is for the ray executor, not {name!r}")
-    if name == "ray":
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            raise ConfigError("the ray executor needs Ray: pip install 'fedopt[ray]'") from None
+    if name != "ray":
+        return
+    from fedopt.engines import ray_runtime
+
+    ray_runtime.import_ray("the ray executor")
+    _ray_run_timeout()
+    for p in points or ():
+        where = ", ".join(f"{k}={v!r}" for k, v in p.assignments.items()) or "the base config"
+        check(p.config.engine.name != "flower",
+              f"engine 'flower' cannot run inside executor ray (sweep point ({where})): Flower's simulation "
+              "needs a Ray of its own; use --executor process")
+    if address:
+        ray_runtime.probe(address, where="--address")
 
 
 # ---- the output folder -----------------------------------------------------------------------
@@ -404,7 +460,7 @@ def run_sweep(sweep: Sweep, out: str | Path, *, executor: str = "serial", worker
     """Run every point of ``sweep`` not already finished in ``out``, then write ``results.csv``."""
     from tqdm.auto import tqdm
 
-    check_executor(executor, address)
+    check_executor(executor, address, sweep.points)
     workers = workers or os.cpu_count() or 1
     check(workers >= 1, f"--workers must be >= 1, got {workers}")
     out = Path(out)
