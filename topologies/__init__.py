@@ -23,15 +23,23 @@ from topologies.mixing import (
     max_degree_weights,
     metropolis_hastings_weights,
     mixing_matrix,
+    sparse_mixing_matrix,
     spectral_gap,
     to_torch,
 )
 from topologies.registry import ENTRY_POINT_GROUP, build_graph, get_topology, register_topology, topology_names
-from topologies.schedules import cycle_schedule, edge_dropout_schedule, random_graph_schedule, static_schedule
+from topologies.schedules import (
+    Schedule,
+    cycle_schedule,
+    edge_dropout_schedule,
+    random_graph_schedule,
+    static_schedule,
+)
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "MIXING_RULES",
+    "Schedule",
     "TopologyError",
     "build_graph",
     "check_mixing_matrix",
@@ -55,6 +63,7 @@ __all__ = [
     "register_topology",
     "ring_graph",
     "small_world_graph",
+    "sparse_mixing_matrix",
     "spectral_gap",
     "star_graph",
     "static_schedule",
@@ -67,18 +76,24 @@ __all__ = [
 def load_matrix(path: str):
     """A user's mixing matrix from ``.npy`` or a whitespace/comma-separated text file; the graph is
     its off-diagonal support. Returns ``(graph, W)`` after :func:`check_mixing_matrix`."""
+    import warnings
     from pathlib import Path
 
     import numpy as np
 
-    p = Path(path)
+    from topologies.registry import _required_path
+
+    p = Path(_required_path("matrix", path, "a .npy or text file holding the mixing matrix"))
     if not p.is_file():
         raise TopologyError(f"mixing matrix file {str(p)!r} does not exist")
     try:
-        w = np.load(p) if p.suffix == ".npy" else np.loadtxt(p, delimiter="," if p.suffix == ".csv" else None, ndmin=2)
-    except ValueError as e:
-        raise TopologyError(f"mixing matrix file {p.name} is malformed: {str(e).splitlines()[0]}") from None
-    w = np.asarray(w, dtype=float)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # numpy warns (e.g. "input contained no data") instead of failing
+            w = np.load(p) if p.suffix == ".npy" else np.loadtxt(p, delimiter="," if p.suffix == ".csv" else None, ndmin=2)
+            w = np.asarray(w, dtype=float)
+    except (ValueError, TypeError, OSError, EOFError, Warning) as e:
+        reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TopologyError(f"mixing matrix file {p.name} is empty or malformed: {reason}") from None
     check_mixing_matrix(w, require_gap=False)
     g = from_networkx(from_adjacency((np.abs(w) > 1e-12).astype(float) * (1 - np.eye(len(w)))), name=f"mixing matrix {p.name}")
     check_mixing_matrix(w, g)

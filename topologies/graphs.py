@@ -40,9 +40,18 @@ def _need(condition: bool, message: str) -> None:
 
 
 def from_networkx(g: nx.Graph, *, name: str = "graph") -> nx.Graph:
-    """A checked copy of ``g``: undirected, simple, connected, nodes relabelled ``0..n-1``."""
+    """A checked copy of ``g``: undirected, simple, connected, nodes relabelled ``0..n-1``.
+
+    Only a plain undirected ``networkx.Graph`` is accepted. A ``MultiGraph`` is refused rather
+    than merged: whether parallel edges mean one link or a heavier one changes the degrees, hence
+    the mixing weights, and only the user knows (``networkx.Graph(g)`` merges them). A directed
+    graph is refused too (gossip here is symmetric). Self-loops are dropped (the mixing rule sets
+    the diagonal)."""
+    allowed = "gossip needs an undirected simple networkx.Graph"
     _need(isinstance(g, nx.Graph), f"{name}: expected a networkx.Graph, got {type(g).__name__}")
-    _need(not g.is_directed(), f"{name}: the graph is directed; gossip needs an undirected graph")
+    _need(not g.is_multigraph(), f"{name}: got a networkx.{type(g).__name__} (parallel edges); {allowed} "
+                                 "(networkx.Graph(g) merges parallel edges into one)")
+    _need(not g.is_directed(), f"{name}: the graph is directed (networkx.{type(g).__name__}); {allowed}")
     _need(g.number_of_nodes() > 0, f"{name}: the graph has no nodes")
     h = nx.Graph()
     try:
@@ -146,10 +155,15 @@ def from_edgelist(path: str | Path) -> nx.Graph:
 
     Node labels may be any tokens; they are relabelled ``0..n-1`` in sorted order (as integers when
     all labels are integers)."""
+    _need(isinstance(path, (str, Path)) and str(path) != "", f"edge list: a path to a file is required, got {path!r}")
     p = Path(path)
     _need(p.is_file(), f"edge list {str(p)!r} does not exist")
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise TopologyError(f"edge list {p.name} cannot be read as text: {str(e).splitlines()[0]}") from None
     edges: list[tuple[str, str]] = []
-    for lineno, raw in enumerate(p.read_text().splitlines(), 1):
+    for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue

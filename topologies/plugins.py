@@ -149,11 +149,43 @@ class PluginRegistry(Generic[F]):
         return deco
 
     def entry_points(self) -> dict[str, metadata.EntryPoint]:
-        """Installed entry points of this registry's group, by name (the first of a name wins)."""
+        """Installed entry points of this registry's group, by name (the first of a name wins).
+
+        A distribution whose entry points cannot be read (a malformed ``entry_points.txt``) is
+        skipped here and named in the unknown-name error (:meth:`unreadable`)."""
+        return self._scan()[0]
+
+    def unreadable(self) -> list[str]:
+        """``"dist version (Type: reason)"`` for every installed distribution whose entry points
+        cannot be read."""
+        return self._scan()[1]
+
+    def _scan(self) -> tuple[dict[str, metadata.EntryPoint], list[str]]:
         out: dict[str, metadata.EntryPoint] = {}
-        for ep in metadata.entry_points(group=self.group):
-            out.setdefault(ep.name, ep)
-        return out
+        broken: list[str] = []
+        seen: set[str] = set()
+        for dist in metadata.distributions():
+            dist_name = getattr(dist, "_normalized_name", None)  # from the folder name: no METADATA parse
+            if dist_name is None:
+                try:
+                    dist_name = dist.metadata["Name"] or "?"
+                except Exception:  # noqa: BLE001 -- unreadable metadata: not ours to judge
+                    dist_name = "?"
+            if dist_name in seen:  # the first of a name on sys.path wins, as importlib.metadata does
+                continue
+            seen.add(dist_name)
+            try:
+                eps = [ep for ep in dist.entry_points if ep.group == self.group]
+            except Exception as e:  # noqa: BLE001 -- a malformed entry_points.txt raises anything
+                try:
+                    label = f"{dist.metadata['Name']} {dist.version}"
+                except Exception:  # noqa: BLE001
+                    label = dist_name
+                broken.append(f"{label} ({describe(e)})")
+                continue
+            for ep in eps:
+                out.setdefault(ep.name, ep)
+        return out, broken
 
     def names(self) -> list[str]:
         """Registered names plus installed entry-point names, sorted."""
@@ -185,6 +217,9 @@ class PluginRegistry(Generic[F]):
                 if "." in name and all(p.isidentifier() for p in name.split(".")):
                     module, _, attr = name.rpartition(".")
                     hint = f"; did you mean '{module}:{attr}'?"
+                broken = self.unreadable()
+                if broken:
+                    hint += f"; the entry points of {', '.join(broken)} cannot be read"
                 raise self.error(f"unknown {self.kind} {name!r}; available: {', '.join(self.names()) or '(none)'} "
                                  f"(or a plug-in {PATH_FORM}){hint}")
             obj = self._load_entry_point(name, ep)

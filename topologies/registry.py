@@ -69,10 +69,29 @@ def _small_world(n: int, *, seed: int = 0, k: int = 4, p: float = 0.1) -> nx.Gra
     return graphs.small_world_graph(n, k, p, seed=seed)
 
 
+def _required_path(name: str, path: object, what: str) -> str:
+    if path is None or path == "":
+        raise TopologyError(f"topology {name!r} needs params.path ({what})")
+    if not isinstance(path, str):
+        raise TopologyError(f"topology {name!r}: params.path must be a string (a file path), got {path!r}")
+    return path
+
+
 @register_topology("edgelist")
-def _edgelist(n: int, *, seed: int = 0, path: str = "") -> nx.Graph:
+def _edgelist(n: int, *, seed: int = 0, path: str | None = None) -> nx.Graph:
+    """The graph of an edge-list file (``params.path``: one ``u v`` per line)."""
     del n, seed
-    return graphs.from_edgelist(path)
+    return graphs.from_edgelist(_required_path("edgelist", path, "a text file with one edge 'u v' per line"))
+
+
+@register_topology("matrix")
+def _matrix(n: int, *, seed: int = 0, path: str | None = None) -> nx.Graph:
+    """The support graph of a user's mixing matrix (``params.path``). As a run's topology the
+    matrix itself is the mixing (see :func:`fedopt.network.build_network`)."""
+    del n, seed
+    from topologies import load_matrix
+
+    return load_matrix(path)[0]
 
 
 def topology_names() -> list[str]:
