@@ -117,9 +117,11 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _cmd_topology_show(args: argparse.Namespace) -> int:
+    import os
+
     from fedopt.config import _parse_value
     from fedopt.errors import check
-    from fedopt.network import build_network
+    from fedopt.network import DEFAULT_MIXING, build_network
     from topologies.plugins import plugin_path
 
     params = {}
@@ -128,18 +130,36 @@ def _cmd_topology_show(args: argparse.Namespace) -> int:
         k, v = item.split("=", 1)
         params[k.strip()] = _parse_value(v.strip())
     check(args.n >= 1, f"--n must be >= 1, got {args.n}")
+    check(args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
+    draw = Path(args.draw) if args.draw is not None else None
+    if draw is not None:  # every check on the file before any output: a refusal prints one line only
+        # file types matplotlib's Agg backend writes without LaTeX or extra codecs
+        DRAW_TYPES = ("eps", "jpeg", "jpg", "pdf", "png", "ps", "svg", "svgz", "tif", "tiff")
+        kind = draw.suffix.lower().lstrip(".")
+        check(kind in DRAW_TYPES, f"--draw {args.draw!r}: unknown file type {draw.suffix or '(none)'!r}; "
+                                  f"allowed: {', '.join('.' + t for t in DRAW_TYPES)}")
+        folder = draw.parent
+        check(folder.is_dir(), f"--draw {args.draw!r}: the folder {str(folder)!r} does not exist")
+        check(os.access(folder, os.W_OK | os.X_OK), f"--draw {args.draw!r}: the folder {str(folder)!r} is not writable")
+        check(not draw.is_dir(), f"--draw {args.draw!r} is a folder; give a file name")
+        check(args.force or not draw.exists(), f"--draw {args.draw!r} exists; choose a new file or add --force")
     with plugin_path(Path.cwd()):
         net = build_network(args.name, args.n, seed=args.seed, params=params, mixing=args.mixing)
     g = net.graph
     degrees = [d for _, d in g.degree]
     gap = net.spectral_gap()
-    print(f"topology {args.name} ({args.mixing} weights, seed {args.seed})")
-    print(f"nodes {g.number_of_nodes()}  edges {g.number_of_edges()}  degree {min(degrees)}..{max(degrees)}")
-    print(f"spectral gap {gap:.6g}  (rho = {1 - gap:.6g})")
-    if args.draw:
+    if draw is not None:
         from plots.topology import draw_graph
 
-        draw_graph(g, args.draw, title=f"{args.name}, n={g.number_of_nodes()}, gap {gap:.3g}")
+        try:
+            draw_graph(g, draw, title=f"{args.name}, n={g.number_of_nodes()}, gap {gap:.3g}")
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--draw {args.draw!r}: cannot write the figure: {str(e).splitlines()[0]}") from None
+    weights = "weights from params.path" if args.name == "matrix" else f"{args.mixing or DEFAULT_MIXING} weights"
+    print(f"topology {args.name} ({weights}, seed {args.seed})")
+    print(f"nodes {g.number_of_nodes()}  edges {g.number_of_edges()}  degree {min(degrees)}..{max(degrees)}")
+    print(f"spectral gap {gap:.6g}  (rho = {1 - gap:.6g})")
+    if draw is not None:
         print(f"wrote {args.draw}")
     return 0
 
@@ -179,9 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("name", help="ring, torus, exponential, ..., edgelist, matrix, or package.module:function")
     show.add_argument("--n", type=int, required=True, help="number of nodes")
     show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a graph parameter (repeatable)")
-    show.add_argument("--mixing", default="metropolis_hastings", help="mixing rule (default metropolis_hastings)")
+    show.add_argument("--mixing", default=None, help="mixing rule (default metropolis_hastings; none for matrix)")
     show.add_argument("--seed", type=int, default=0)
-    show.add_argument("--draw", metavar="FILE.png", help="draw the graph to this file")
+    show.add_argument("--draw", metavar="FILE.png", help="draw the graph to this new file (.png, .pdf, .svg, ...)")
+    show.add_argument("--force", action="store_true", help="with --draw: overwrite an existing file")
     show.set_defaults(func=_cmd_topology_show)
     return parser
 
