@@ -1,11 +1,13 @@
 """The example Flower app under ``flwr run`` (a local SuperLink with the simulation runtime):
 it reproduces the ``local`` engine bitwise, and the daemons it starts are stopped by PID."""
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +71,8 @@ def test_flwr_run_of_the_example_app_matches_the_local_engine(tmp_path):
     assert got.shape == ref.shape == (6, ref.shape[1])
     assert np.array_equal(ref.to_numpy(), got[ref.columns].to_numpy())
     assert not {pid for pid, cmd in runtime_processes().items() if str(home) in cmd}
+    # the run folder is a fedopt run folder: the engine that ran, meta.json, the plot
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["status"] == "finished" and meta["runtime"] == "flwr run" and meta["comm_rounds"] > 0
+    assert tomllib.loads((out / "config.toml").read_text())["engine"]["name"] == "flower"
+    assert (out / "convergence.png").stat().st_size > 0
