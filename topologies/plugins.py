@@ -219,7 +219,7 @@ class PluginRegistry(Generic[F]):
                     hint = f"; did you mean '{module}:{attr}'?"
                 broken = self.unreadable()
                 if broken:
-                    hint += f"; the entry points of {', '.join(broken)} cannot be read"
+                    hint += f"; cannot read the entry points of {', '.join(broken)}"
                 raise self.error(f"unknown {self.kind} {name!r}; available: {', '.join(self.names()) or '(none)'} "
                                  f"(or a plug-in {PATH_FORM}){hint}")
             obj = self._load_entry_point(name, ep)
