@@ -1,10 +1,19 @@
 """Session-wide fixtures."""
 
+import os
 import time
+import uuid
 
 import pytest
 import torch
-from helpers import runtime_processes
+from helpers import SESSION_ENV, runtime_processes
+
+
+def pytest_configure(config):
+    # A token unique to this pytest process (each xdist worker runs its own): the Ray and Flower
+    # processes its tests start inherit it, which is how runtime_processes() tells them apart from
+    # another session's running concurrently on the same machine.
+    os.environ[SESSION_ENV] = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
 @pytest.fixture(autouse=True)
@@ -20,8 +29,8 @@ def _deterministic_threads():
 @pytest.fixture(autouse=True, scope="session")
 def _no_runtime_process_survives():
     """At the end of the session no Ray or Flower process started during it may still run
-    (raylet, gcs_server, workers, flower-superlink, ...); processes already running before the
-    session are not ours and are ignored."""
+    (raylet, gcs_server, workers, flower-superlink, ...); processes of other sessions, or already
+    running before this one, are not ours and are ignored."""
     before = set(runtime_processes())
     yield
     deadline = time.time() + 30

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 from fedopt.config import load_config
@@ -46,12 +47,26 @@ def built(raw: dict[str, Any]) -> Built:
 # process names of a Ray or Flower runtime (raylet, GCS, workers, the Flower daemons)
 RUNTIME_PROCESS_NAMES = ("raylet", "gcs_server", "ray::", "default_worker.py", "flower-superlink", "flower-superexec",
                          "flwr-simulation")
+# Set by tests/conftest.py at start-up to a value unique to this pytest process (one per xdist worker).
+# Every process started by the tests inherits it (Ray's GCS, raylet and workers, Flower's daemons),
+# so a test sees its own runtime processes and never another session's.
+SESSION_ENV = "FEDOPT_TEST_SESSION"
 
 
-def runtime_processes() -> dict[int, str]:
-    """Running Ray / Flower runtime processes on this machine: ``{pid: full command line}``."""
-    from pathlib import Path
+def _environ(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return b""
 
+
+def runtime_processes(*, everyone: bool = False) -> dict[int, str]:
+    """Running Ray / Flower runtime processes started by this test session: ``{pid: command line}``
+    (``everyone=True``: every such process on the machine, whoever started it)."""
+    import os
+
+    token = os.environ.get(SESSION_ENV)
+    mark = b"\0" + f"{SESSION_ENV}={token}".encode() + b"\0" if token and not everyone else None
     found = {}
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
@@ -59,7 +74,9 @@ def runtime_processes() -> dict[int, str]:
         except OSError:
             continue
         if any(name in text for name in RUNTIME_PROCESS_NAMES):
-            found[int(cmdline.parent.name)] = text
+            pid = int(cmdline.parent.name)
+            if mark is None or mark in b"\0" + _environ(pid) + b"\0":
+                found[pid] = text
     return found
 
 
