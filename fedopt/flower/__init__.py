@@ -117,6 +117,7 @@ TASK_NAMES = ("lower_grad", "outer_grad", "neumann", "cross", "hvp", "hypergrad"
               "sgd_inner", "local_outer", "local_gda", "minimax_grad", "joint", "upper_grad_y", "z_grad",
               "jhip_grad", "hypergrad_jhip")
 
+_FLOWER_PULL_INTERVAL = 0.1  # Flower's InMemoryGrid default (seconds between polls for replies)
 _EVAL_STREAM = 4  # a fourth stream of the run's root key (fedopt.simulation uses 1-3): evaluation cohorts
 
 
@@ -304,8 +305,9 @@ class FedoptStrategy(Strategy):
         evaluate_clients: clients asked, every round, for their exact losses at the new ``x``,
             ``y`` (Flower's client-side evaluation; drawn from the run's seed; default 0: none,
             the server measures the problem's exact metrics itself).
-        pull_interval: seconds between a grid's polls for replies, set on a grid that has one
-            (Flower's default: 0.1); ``None`` leaves the grid's.
+        pull_interval: seconds between a grid's polls for replies, replacing Flower's default of
+            0.1 s on a grid that has it (a value set on the grid, e.g. by the ``flower`` engine, is
+            kept); ``None`` leaves the grid alone.
         on_iterate: called with ``k`` after every outer iteration (progress bars).
         loop: further options of fedopt's loop (as in :func:`fedopt.simulation.simulate`):
             ``stop_when``, ``checkpoint_every``, ``on_checkpoint``, ``resume``.
@@ -529,8 +531,8 @@ class FedoptStrategy(Strategy):
         for ``rounds`` outer iterations, its state at ``arrays`` (or the problem's start)."""
         from fedopt.simulation import Server, _restore
 
-        if self.pull_interval is not None and hasattr(grid, "pull_interval"):
-            grid.pull_interval = self.pull_interval
+        if self.pull_interval is not None and getattr(grid, "pull_interval", None) == _FLOWER_PULL_INTERVAL:
+            grid.pull_interval = self.pull_interval  # Flower's default only: a value set on the grid is kept
         self._map_partitions(grid)
         server = Server(self.problem, _Cohorts(self.problem), self.seed)
         steps = self.algorithm.setup(self.problem, rounds, server.server_key)
