@@ -11,6 +11,14 @@ With the means :math:`H, J, c, d` over clients:
     \nabla\Phi(x) = \lambda x - w \sin x + J^\top H^{-1}(y^*(x) - d), \quad
     x^* = -(A^\top A + \lambda I)^{-1} A^\top (H^{-1}c - d),\ A = H^{-1}J \ (w = 0).
 
+:math:`\Phi(x) = f(x, y^*(x))` with :math:`f = \frac1M \sum_i f_i`, so the metric ``phi`` includes
+the heterogeneity constant :math:`\tfrac12 \frac1M\sum_i \|d_i - d\|^2` (it moves no iterate; it
+makes ``phi`` the value of the upper objective as defined). With :math:`\lambda = 0` and
+:math:`A` of rank below ``x_dim`` (e.g. ``x_dim > y_dim``), the minimisers of :math:`\Phi` form the
+affine set :math:`x^\dagger + \ker A` (:math:`x^\dagger` the minimum-norm one) and ``x_error`` is
+the squared distance to that set, :math:`\|P(x - x^\dagger)\|^2` with :math:`P = A^+ A`; with a
+unique minimiser it is :math:`\|x - x^*\|^2`.
+
 Heterogeneity ``delta``: :math:`H_i = \mathrm{clip}_{[\mu, L]}(H_0 + \delta S_i)` (eigenvalues
 clipped, so every :math:`g_i` is :math:`\mu`-strongly convex and :math:`L`-smooth),
 :math:`J_i = J_0 + \delta E_i`, and :math:`c_i, d_i` spread by ``delta``; ``delta = 0`` makes all
@@ -104,6 +112,9 @@ class QuadraticBilevel(AbstractBilevelProblem):
         self.c = torch.as_tensor(c.mean(0), dtype=f64)
         self.d = torch.as_tensor(d.mean(0), dtype=f64)
         self.H_inv = torch.linalg.inv(self.H)
+        # (1/M) sum_i 1/2 ||y - d_i||^2 = 1/2 ||y - d||^2 + phi_const
+        self.phi_const = float(0.5 * np.square(d - d.mean(0)).sum(-1).mean()) if d.ndim == 2 else 0.0
+        self._minimisers: tuple[torch.Tensor, torch.Tensor] | None = None
         self._client_lmax = float(np.linalg.eigvalsh(h).max())
         self._client_lmin = float(np.linalg.eigvalsh(h).min())
 
@@ -162,20 +173,40 @@ class QuadraticBilevel(AbstractBilevelProblem):
         return g
 
     def phi(self, x: torch.Tensor) -> torch.Tensor:
-        r""":math:`\Phi(x) = f(x, y^*(x))`."""
+        r""":math:`\Phi(x) = f(x, y^*(x)) = \tfrac12\|y^*(x) - d\|^2 + \tfrac\lambda2\|x\|^2
+        + w\sum_j \cos x_j + \tfrac12\frac1M\sum_i\|d_i - d\|^2`."""
         x = x.to(torch.float64)
         r = self.y_star(x) - self.d
-        val = 0.5 * r @ r + 0.5 * self.lam * x @ x
+        val = 0.5 * r @ r + 0.5 * self.lam * x @ x + self.phi_const
         if self.cos_weight:
             val = val + self.cos_weight * torch.cos(x).sum()
         return val
 
     def x_star(self) -> torch.Tensor:
-        r"""The minimiser of :math:`\Phi` (only for ``cos_weight = 0``, where :math:`\Phi` is convex)."""
+        r"""The minimiser of :math:`\Phi` (only for ``cos_weight = 0``, where :math:`\Phi` is convex);
+        with several (``lam = 0``, :math:`A` rank-deficient) the one of minimum norm."""
+        return self._minimiser_set()[0]
+
+    def _minimiser_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_dagger, P)``: the set of minimisers is ``x_dagger + ker P`` (``P = I``: unique)."""
         check(self.cos_weight == 0, "x_star has a closed form only for cos_weight = 0")
-        a = self.H_inv @ self.J
-        rhs = a.T @ (self.H_inv @ self.c - self.d)
-        return -torch.linalg.solve(a.T @ a + self.lam * torch.eye(self.x_dim, dtype=torch.float64), rhs)
+        if self._minimisers is None:
+            a = self.H_inv @ self.J
+            b = self.H_inv @ self.c - self.d  # Phi(x) = 1/2 ||A x + b||^2 + lam/2 ||x||^2 + const
+            eye = torch.eye(self.x_dim, dtype=torch.float64)
+            if self.lam > 0:
+                self._minimisers = (-torch.linalg.solve(a.T @ a + self.lam * eye, a.T @ b), eye)
+            else:
+                u, s, vh = torch.linalg.svd(a, full_matrices=False)
+                r = int((s > s.max() * max(a.shape) * torch.finfo(torch.float64).eps).sum())
+                ur, sr, vr = u[:, :r], s[:r], vh[:r]
+                self._minimisers = (-vr.T @ ((ur.T @ b) / sr), vr.T @ vr if r < self.x_dim else eye)
+        return self._minimisers
+
+    def x_error(self, x: torch.Tensor) -> float:
+        r"""Squared distance from ``x`` to the set of minimisers of :math:`\Phi` (module docstring)."""
+        x_dagger, proj = self._minimiser_set()
+        return float((proj @ (x.to(torch.float64) - x_dagger)).square().sum())
 
     def metrics(self, x, y):
         x64, y64 = x.detach().to("cpu", torch.float64), y.detach().to("cpu", torch.float64)
@@ -185,7 +216,7 @@ class QuadraticBilevel(AbstractBilevelProblem):
             "phi": float(self.phi(x64)),
         }
         if self.cos_weight == 0:
-            out["x_error"] = float((x64 - self.x_star()).square().sum())
+            out["x_error"] = self.x_error(x64)
         return out
 
 
@@ -211,7 +242,8 @@ def quadratic(
         mu, L: every client's lower Hessian has eigenvalues in [mu, L].
         delta: heterogeneity (0: identical clients).
         sigma: oracle noise standard deviation at batch size 1.
-        lam: upper-level ridge lambda (> 0 makes x* unique).
+        lam: upper-level ridge lambda (> 0 makes x* unique; with 0 and ``x_dim > y_dim`` the
+            minimisers form an affine set and ``x_error`` is the distance to it).
         cos_weight: weight w of the nonconvex term w * sum(cos x).
         oracles: ``"closed_form"`` (hand-derived gradients and products, checked against torch.func
             to 1e-10) or ``"autodiff"`` (torch.func on the losses).

@@ -44,6 +44,32 @@ def test_x_star_is_stationary():
     assert float(p.hypergrad(p.x_star()).norm()) < 1e-12
 
 
+def test_phi_is_the_client_average_of_f_at_y_star():
+    """phi includes the heterogeneity constant 1/2 mean_i ||d_i - d||^2 (left out before: off by
+    about 0.75 here, up to 20 on the shipped configs)."""
+    p = built(quadratic_config(problem={"delta": 1.0})).problem
+    x = torch.randn(p.x_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    direct = float(_global(p, "outer_loss", x, p.y_star(x)))
+    assert p.phi_const > 0.1 and abs(float(p.phi(x)) - direct) < 1e-12
+
+
+def test_lam_zero_with_more_x_than_y_measures_the_distance_to_the_set_of_minimisers():
+    """lam = 0, x_dim 6 > y_dim 3: Phi's minimisers are x_dagger + ker A (a 3-dim affine set);
+    x_error is 0 on all of it and the squared distance to it elsewhere."""
+    p = built(quadratic_config(problem={"lam": 0.0, "x_dim": 6, "y_dim": 3})).problem
+    xs = p.x_star()
+    assert float(p.hypergrad(xs).norm()) < 1e-10
+    a = p.H_inv @ p.J
+    null = torch.linalg.svd(a).Vh[3:]  # rows span ker A
+    along = xs + null.T @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    assert float(p.hypergrad(along).norm()) < 1e-10 and p.x_error(along) < 1e-20
+    off = torch.linalg.svd(a).Vh[0]  # a direction in the row space: the distance is its length
+    assert p.x_error(xs + 0.3 * off) == pytest.approx(0.09, rel=1e-10)
+    assert p.metrics(along, p.y_star(along))["x_error"] < 1e-20
+    full = built(quadratic_config(problem={"lam": 0.0, "x_dim": 3, "y_dim": 4})).problem  # unique x*
+    assert float(full.hypergrad(full.x_star()).norm()) < 1e-10
+
+
 def test_every_client_is_strongly_convex_and_smooth(quad):
     evals = torch.linalg.eigvalsh(quad.data["H"])
     assert float(evals.min()) >= quad.mu - 1e-12 and float(evals.max()) <= quad.L + 1e-12
