@@ -5,12 +5,16 @@ folder, with a checkpoint every ``checkpoint_every`` outer iterations (config ke
 tenth of the run); ``fedopt run --resume DIR`` continues a killed run from its checkpoint, to the
 same numbers as an uninterrupted run. Exit codes: 0 finished; 2 bad input (config, values, files, arguments: one line
 ``fedopt: error: ...`` on stderr, nothing written); 3 the run diverged (NaN/inf; the folder records
-the round); 130 interrupted.
+the round); 130 interrupted by SIGINT, 143 by SIGTERM (the folder says ``interrupted`` and keeps its
+checkpoint: ``--resume`` continues it).
 
 ``fedopt sweep SWEEP.toml [--executor serial|process|ray] [--address ADDR] [--workers N] [--out DIR]
 [--quiet]`` runs a sweep (``fedopt.sweep``) into ``DIR`` (default ``sweeps/<sweep name>``; running
-the same command again skips the finished runs). Exit codes: 0 every run finished or diverged; 1 some
-run failed (listed; rerun to retry them); 2 bad input before any run; 130 interrupted.
+the same command again skips the finished runs). One sweep at a time holds ``DIR`` (a lock on
+``DIR/.lock``, released by the OS when the process ends, however it ends); a second one is refused.
+Exit codes: 0 every run finished or diverged; 1 some run failed (listed; rerun to retry them); 2 bad
+input before any run; 130 interrupted by SIGINT, 143 by SIGTERM (workers are stopped; the same
+command resumes).
 
 ``fedopt reproduce --list`` lists the paper figures; ``fedopt reproduce ID [--quick] [--out DIR]
 [--executor E]`` reruns one (``fedopt.figures``) into ``DIR`` (default ``figures/ID`` or
@@ -30,8 +34,12 @@ is trusted input. A broken plug-in is one error line, exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from fedopt.errors import ConfigError
@@ -80,16 +88,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from fedopt.sweep import check_executor, load_sweep, run_sweep
+    from fedopt.sweep import check_executor, check_workers, load_sweep, run_sweep
 
     check_executor(args.executor, args.address)
+    check_workers(args.workers)
     sweep = load_sweep(args.sweep)  # plug-ins: the sweep's, its base config's and the current folder
     out = Path(args.out) if args.out else Path("sweeps") / Path(args.sweep).stem
     dup = f" ({sweep.duplicates} duplicate points dropped)" if sweep.duplicates else ""
-    if not args.quiet:
-        print(f"{len(sweep.points)} runs{dup} -> {out}/")
+
+    def announce(pending: int) -> None:  # once the folder is claimed: after every check
+        if not args.quiet:
+            print(f"{len(sweep.points)} runs{dup}, {pending} to run -> {out}/", flush=True)
+
     report = run_sweep(sweep, out, executor=args.executor, workers=args.workers, address=args.address,
-                       progress=not args.quiet)
+                       progress=not args.quiet, on_start=announce)
     print(f"{report.total} runs: {report.skipped} already done, {report.finished} finished, "
           f"{report.diverged} diverged, {len(report.failed)} failed in {report.wall_s:.1f}s")
     for line in report.failed:
@@ -181,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("sweep", help="sweep file (TOML: base config, [grid], [[zip]])")
     sw.add_argument("--executor", default="serial", help="serial (default), process or ray")
     sw.add_argument("--address", default=None, help="ray: an existing cluster ('auto' or 'ray://host:port')")
-    sw.add_argument("--workers", type=int, default=None, help="parallel runs (default: the CPU count)")
+    sw.add_argument("--workers", type=int, default=None, help="parallel runs, >= 1 (default: the CPU count)")
     sw.add_argument("--out", default=None, help="sweep folder (default sweeps/<sweep name>; reused to resume)")
     sw.add_argument("--quiet", action="store_true", help="no progress bar")
     sw.set_defaults(func=_cmd_sweep)
@@ -207,17 +219,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """While the command runs, SIGTERM stops it the way SIGINT does (``results.Interrupted``, a
+    ``KeyboardInterrupt``): a run folder is marked ``interrupted``, sweep workers are stopped. A
+    second SIGTERM during that clean-up ends the process at once. Only in the main thread (where
+    Python runs signal handlers); the previous handler is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from fedopt.results import Interrupted
+
+    def on_term(signum: int, frame: object) -> None:
+        del frame
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM: the default, immediate end
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedopt`` console script."""
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except ConfigError as e:
-        sys.stderr.write(f"fedopt: error: {e}\n")
-        return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("fedopt: interrupted\n")
-        return 130
+    with _sigterm_interrupts():
+        try:
+            return int(args.func(args))
+        except ConfigError as e:
+            sys.stderr.write(f"fedopt: error: {e}\n")
+            return 2
+        except KeyboardInterrupt as e:
+            signum = getattr(e, "signum", signal.SIGINT)
+            sys.stderr.write(f"fedopt: interrupted ({signal.Signals(signum).name})\n")
+            return 128 + signum
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from fedopt.algorithms.parts import COUNT_MAX
 from fedopt.errors import ConfigError, check
 from fedopt.registry import ALGORITHMS, DATASETS, ENGINES, PARTITIONERS, PROBLEMS, Registry
 from topologies.plugins import describe
@@ -57,6 +58,7 @@ __all__ = ["Component", "DataConfig", "RunConfig", "TopologyConfig", "apply_over
            "plugin_folders"]
 
 _DTYPES = ("float32", "float64")
+INT64_MAX = 2**63 - 1  # the largest integer a parameter can hold (torch and numpy use int64)
 
 
 @dataclass(frozen=True)
@@ -157,10 +159,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            check(-INT64_MAX - 1 <= value <= INT64_MAX,
+                  f"{where} = {value} does not fit in 64 bits; allowed: {-INT64_MAX - 1}..{INT64_MAX}")
             return value
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise ConfigError(f"{where} = {value} is too large for a float; allowed: finite numbers "
+                                  "up to about 1.8e308") from None
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -239,6 +247,8 @@ def _topology(raw: Any, clients: int | None) -> tuple[TopologyConfig, int | None
     if schedule is not None:
         check(isinstance(schedule, Mapping) and set(schedule) <= {"name", "params"} and "name" in schedule,
               f"topology.schedule must be a table with name (and params), got {schedule!r}")
+        sp = schedule.get("params", {})
+        check(isinstance(sp, Mapping), f"topology.schedule.params must be a table, got {sp!r}")
     sparse = raw.get("sparse")
     check(sparse is None or isinstance(sparse, bool), f"topology.sparse must be true/false, got {sparse!r}")
     n = raw.get("n")
@@ -256,10 +266,11 @@ def parse_config(raw: Mapping[str, Any]) -> RunConfig:
     for k in ("problem", "algorithm"):
         check(k in raw, f"the config has no [{k}] table")
 
-    def integer(k: str, default: int, lo: int) -> int:
+    def integer(k: str, default: int, lo: int, hi: int = COUNT_MAX) -> int:
         v = raw.get(k, default)
         check(isinstance(v, int) and not isinstance(v, bool), f"{k} must be an integer, got {v!r}")
         check(v >= lo, f"{k} must be >= {lo}, got {v}")
+        check(v <= hi, f"{k} = {v} is too large; allowed: {lo}..{hi}")
         return v
 
     dtype = raw.get("dtype", "float64")
@@ -293,7 +304,7 @@ def parse_config(raw: Mapping[str, Any]) -> RunConfig:
         clients=integer("clients", topo_n or 10, 1),
         rounds=integer("rounds", 100, 0),
         eval_every=integer("eval_every", 1, 1),
-        seed=integer("seed", 0, 0),
+        seed=integer("seed", 0, 0, INT64_MAX),
         dtype=dtype,
         device=device,
         threads=integer("threads", 0, 0),
@@ -344,10 +355,14 @@ def load_raw(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     check(p.is_file(), f"config file {str(p)!r} does not exist")
     try:
-        with p.open("rb") as f:
-            return tomllib.load(f)
+        return tomllib.loads(p.read_bytes().decode("utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r} is not a text (UTF-8) file: byte {e.start} cannot be "
+                          "decoded") from None
+    except OSError as e:
+        raise ConfigError(f"config file {str(p)!r} cannot be read: {e.strerror or e}") from None
 
 
 def load_config(source: str | Path | Mapping[str, Any] | RunConfig, overrides: list[str] | None = None) -> RunConfig:

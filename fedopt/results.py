@@ -12,7 +12,16 @@ Status values in ``meta.json``:
   (``fedopt run --resume DIR`` continues it from its last checkpoint);
 * ``finished``: all outer iterations ran, or ``stop_when`` ended the run;
 * ``diverged``: a metric or the state became NaN/inf (``diverged_round`` says when);
-* ``failed``: an exception ended the run (``error`` and ``traceback`` say which).
+* ``failed``: an exception ended the run (``error`` and ``traceback`` say which);
+* ``interrupted``: SIGINT or SIGTERM stopped the run (``signal`` says which, ``checkpoint_round``
+  the outer iteration ``--resume`` continues from); the checkpoint is kept.
+
+While a run is ``running``, ``meta.json`` also holds the ``pid`` and ``host`` of its process, so a
+reader can tell a live run from a killed one (SIGKILL leaves no chance to write anything):
+:func:`run_is_alive`.
+
+Files are created with the mode a plain ``open()`` would give them (``0o666`` less the umask),
+folders ``0o777`` less the umask.
 """
 
 from __future__ import annotations
@@ -33,10 +42,38 @@ import tomli_w
 from fedopt.config import RunConfig
 from fedopt.errors import ConfigError
 
-__all__ = ["CHECKPOINT", "atomic_write", "claim_folder", "read_checkpoint", "versions", "write_checkpoint", "write_config",
-           "write_meta"]
+__all__ = ["CHECKPOINT", "Interrupted", "atomic_write", "cannot_create", "claim_folder", "default_mode", "read_checkpoint", "run_is_alive",
+           "versions", "write_checkpoint", "write_config", "write_meta"]
 
 CHECKPOINT = "checkpoint.pt"
+
+
+class Interrupted(KeyboardInterrupt):
+    """A termination signal (SIGTERM) turned into an exception, so the run or sweep stops the way
+    SIGINT stops it: files closed, workers ended, the run folder marked ``interrupted``. The CLI
+    raises it from its SIGTERM handler; ``signum`` is the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where the OS allows (Linux: /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic read (set and restore at once)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(folder: bool = False) -> int:
+    """The mode ``open()`` (``0o666``) or ``mkdir()`` (``0o777``) would give a new file or folder."""
+    return (0o777 if folder else 0o666) & ~_umask()
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
@@ -44,6 +81,7 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     raw = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, default_mode())  # mkstemp makes 0o600; a run's files are as readable as open()'s
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
         os.replace(tmp, path)
@@ -59,13 +97,40 @@ def check_free(out: Path) -> None:
 
 
 def claim_folder(out: Path) -> None:
-    """Create ``out``; an existing folder is an error, never reused."""
+    """Create ``out``; an existing folder is an error, never reused, and a folder that cannot be
+    created (read-only, below a regular file) is a :class:`ConfigError`."""
     check_free(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.mkdir()
     except FileExistsError:
-        raise ConfigError(f"output folder {str(out)!r} already exists; choose another --out (nothing was written)") from None
+        if out.parent.is_dir():
+            raise ConfigError(f"output folder {str(out)!r} already exists; choose another --out "
+                              "(nothing was written)") from None
+        raise ConfigError(cannot_create(out, FileExistsError("a parent is not a folder"))) from None
+    except OSError as e:
+        raise ConfigError(cannot_create(out, e)) from None
+
+
+def cannot_create(out: Path, e: OSError) -> str:
+    """The one line for an output folder that cannot be created or written."""
+    reason = e.strerror or str(e) or type(e).__name__
+    return f"cannot write output folder {str(out)!r}: {reason}; choose another --out"
+
+
+def run_is_alive(meta: dict[str, Any]) -> bool | None:
+    """Whether the process recorded in a ``running`` run's ``meta.json`` still runs: ``True`` /
+    ``False`` on this host, ``None`` when the run is on another host or recorded no pid."""
+    pid = meta.get("pid")
+    if not isinstance(pid, int) or meta.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # some other user's process has that pid
+        return True
+    return True
 
 
 def versions() -> dict[str, str]:

@@ -15,7 +15,11 @@ A sweep file (TOML)::
     "algorithm.params.inner_steps" = [3, 5]
 
 Any config key can be an axis (a dotted path; a table value replaces the whole table). Every point
-is resolved and validated before any run starts, so a bad axis is one error line and nothing runs.
+is resolved and validated before any run starts, values included (a negative step on one point,
+more sampled clients than clients), so a bad axis is one error line naming the point and nothing
+runs or is written. Validation builds one point of each group of points that differ only in the
+algorithm's parameters, the seed or the budget (so a dataset loads once per group), and checks the
+algorithm of every point.
 
 A run's identity is a hash of its *resolved* config (:func:`run_id`), so the same run reached by two
 points is run once, and re-running a sweep skips every run that already finished or diverged,
@@ -31,29 +35,46 @@ Executors: ``serial`` (in this process), ``process`` (a local pool of spawned pr
 (Ray tasks with one CPU each, on a local Ray started with ``workers`` CPUs and shut down at the
 end, or on an existing cluster with ``address``; needs ``fedopt[ray]``). Runs return their records
 to this process, which writes every file, so a cluster needs no shared filesystem.
+
+One sweep at a time: :func:`run_sweep` holds an exclusive lock on ``out/.lock`` (``flock``; the
+file holds the holder's pid and host) while it runs, and a second sweep on the same folder is a
+:class:`~fedopt.errors.ConfigError` naming the holder. The OS releases the lock when the process
+ends, however it ends, so a killed sweep never blocks its resume. Under the lock the temporary
+files of a killed sweep (hidden run folders, checkpoint temporaries) are removed.
+
+Stopping: an exception in this process (``KeyboardInterrupt``; SIGTERM under the CLI) ends the
+executor's workers before it propagates (the process pool's workers are terminated, Ray is shut
+down). Pool workers also end by themselves when the sweep process dies without cleaning up
+(SIGKILL): on Linux the kernel sends them SIGKILL (``PR_SET_PDEATHSIG``), elsewhere a thread in each
+worker notices that its parent changed; multiprocessing's resource tracker exits when they are gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import os
 import shutil
+import signal
+import socket
+import sys
 import tempfile
+import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from fedopt import results
-from fedopt.config import RunConfig, load_raw, parse_config, plugin_folders, set_path
+from fedopt.config import Component, RunConfig, load_raw, parse_config, plugin_folders, set_path
 from fedopt.errors import ConfigError, check
 from topologies.plugins import active_paths, plugin_path
 
-__all__ = ["EXECUTORS", "Point", "Sweep", "load_sweep", "run_id", "run_sweep"]
+__all__ = ["EXECUTORS", "Point", "Sweep", "check_workers", "load_sweep", "run_id", "run_sweep", "validate_points"]
 
 EXECUTORS = ("serial", "process", "ray")
 _SPEC_KEYS = {"base", "grid", "zip", "threads"}
@@ -119,19 +140,24 @@ def _axes(spec: Mapping[str, Any]) -> list[list[dict[str, Any]]]:
 def load_sweep(source: str | Path | Mapping[str, Any], *, base_dir: Path | None = None) -> Sweep:
     """Parse and expand a sweep (a TOML path or a mapping); every point is validated here.
 
-    Plug-ins: for a sweep file, dotted component names (``"my_module:factory"``) are imported from
-    the sweep file's folder, its base config's folder and the current folder (as ``fedopt run``
-    does for a config); :func:`run_sweep` puts the same folders on ``sys.path`` of its workers
+    Plug-ins: dotted component names (``"my_module:factory"``) are imported from the sweep file's
+    folder and its base config's folder (for a sweep file), then the current folder, as ``fedopt
+    run`` does for a config; :func:`run_sweep` puts the same folders on ``sys.path`` of its workers
     (spawned processes inherit it; Ray workers get them as ``PYTHONPATH``). A sweep file is code:
-    trusted input (see :mod:`fedopt.registry`)."""
+    trusted input; a sweep file from someone else runs their code (see :mod:`fedopt.registry`)."""
     files: list[Path] = []
     if isinstance(source, str | Path):
         p = Path(source)
         check(p.is_file(), f"sweep file {str(p)!r} does not exist")
         try:
-            spec = tomllib.loads(p.read_text())
+            spec = tomllib.loads(p.read_bytes().decode("utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"sweep file {str(p)!r} is not valid TOML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"sweep file {str(p)!r} is not a text (UTF-8) file: byte {e.start} cannot be "
+                              "decoded") from None
+        except OSError as e:
+            raise ConfigError(f"sweep file {str(p)!r} cannot be read: {e.strerror or e}") from None
         base_dir = p.parent
         files.append(p)
     else:
@@ -146,9 +172,11 @@ def load_sweep(source: str | Path | Mapping[str, Any], *, base_dir: Path | None 
         if files:
             files.append(path)
     check(isinstance(base, Mapping), "sweep base must be a config path or a [base] table")
-    folders = tuple(str(f) for f in plugin_folders(*files)) if files else ()
+    folders = tuple(str(f) for f in plugin_folders(*files))
     with plugin_path(*folders):
-        return _expand(spec, base, folders)
+        sweep = _expand(spec, base, folders)
+        validate_points(sweep.points)
+    return sweep
 
 
 def _expand(spec: dict[str, Any], base: Mapping[str, Any], folders: tuple[str, ...]) -> Sweep:
@@ -168,8 +196,7 @@ def _expand(spec: dict[str, Any], base: Mapping[str, Any], folders: tuple[str, .
         try:
             cfg = parse_config(raw)
         except ConfigError as e:
-            where = ", ".join(f"{k}={v!r}" for k, v in assignments.items()) or "the base config"
-            raise ConfigError(f"sweep point ({where}): {e}") from None
+            raise ConfigError(f"sweep point ({_where(assignments)}): {e}") from None
         rid = run_id(cfg)
         if rid in seen:
             duplicates += 1
@@ -177,6 +204,59 @@ def _expand(spec: dict[str, Any], base: Mapping[str, Any], folders: tuple[str, .
         seen.add(rid)
         points.append(Point(len(points), assignments, cfg, rid))
     return Sweep({**spec, "base": dict(base)}, points, threads, duplicates, folders)
+
+
+def _where(assignments: Mapping[str, Any]) -> str:
+    """A point named by its axis values, for error lines."""
+    return ", ".join(f"{k}={v!r}" for k, v in assignments.items()) or "the base config"
+
+
+def validate_points(points: list[Point]) -> None:
+    """Check every point's values as a run's :func:`fedopt.runner.build` would, before any run.
+
+    Points that differ only in the algorithm's parameters, the seed or the budget (``rounds``,
+    ``eval_every``, ``checkpoint_every``, ``threads``) form a group: the first point of a group is
+    built in full (data, problem, algorithm, network, engine; a ``ray`` engine is stood in for by
+    ``local``, so no Ray starts here), every other point builds its algorithm (the parameter ranges),
+    its network on its seed, and the checks between algorithm and federation size. A failure is one
+    :class:`ConfigError` naming the point."""
+    from fedopt.algorithms.base import DecentralizedAlgorithm
+    from fedopt.network import build_network
+    from fedopt.registry import ALGORITHMS
+    from fedopt.runner import build
+
+    groups: set[str] = set()
+    networks: set[str] = set()
+    for p in points:
+        cfg = p.config
+        d = cfg.to_dict()
+        del d["algorithm"]["params"]
+        for k in ("seed", "rounds", "eval_every", "checkpoint_every", "threads"):
+            d.pop(k, None)
+        group = json.dumps(d, sort_keys=True, default=str)
+        try:
+            if group not in groups:
+                probe = replace(cfg, engine=Component("local")) if cfg.engine.name == "ray" else cfg
+                build(probe).engine.close()
+                groups.add(group)
+                continue
+            algorithm = ALGORITHMS.get(cfg.algorithm.name)(**cfg.algorithm.params)
+            if isinstance(algorithm, DecentralizedAlgorithm):
+                assert cfg.topology is not None  # the group's build checked it
+                net = json.dumps([cfg.topology.name, cfg.topology.params, cfg.topology.mixing, cfg.topology.schedule,
+                                  cfg.clients, cfg.seed], sort_keys=True, default=str)
+                if net not in networks:
+                    build_network(cfg.topology.name, cfg.clients, seed=cfg.seed, params=dict(cfg.topology.params),
+                                  mixing=cfg.topology.mixing, schedule=cfg.topology.schedule,
+                                  sparse=cfg.topology.sparse)
+                    networks.add(net)
+            else:
+                cpr = getattr(algorithm, "clients_per_round", None)
+                check(getattr(algorithm, "replace", False) or cpr is None or cpr <= cfg.clients,
+                      f"algorithm.params.clients_per_round = {cpr} exceeds clients = {cfg.clients}; "
+                      f"allowed: 1..{cfg.clients} (or replace = true)")
+        except ConfigError as e:
+            raise ConfigError(f"sweep point ({_where(p.assignments)}): {e}") from None
 
 
 # ---- executing one run (in this process, a pool process or a Ray worker) ----------------------
@@ -230,6 +310,46 @@ def _serial(todo: list[Point], threads: int, workers: int, address: str | None,
         yield p, execute_point(p.config.to_dict(), threads, checkpoints.get(p.run_id))
 
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _watch_parent(parent: int) -> None:
+    while True:
+        if os.getppid() != parent:
+            os._exit(1)
+        time.sleep(0.5)
+
+
+def _worker_init(parent: int) -> None:
+    """Initializer of a pool worker: end with the sweep process, however it ends. On Linux the
+    kernel sends this worker SIGKILL when its parent dies (``prctl(PR_SET_PDEATHSIG)``); everywhere
+    a daemon thread checks twice a second that the parent is still ``parent`` (an orphan is
+    re-parented)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), name="fedopt-parent-watch", daemon=True).start()
+
+
+def _stop_workers(pool: Any) -> None:
+    """Terminate a process pool's workers now (SIGTERM, then SIGKILL after 5 s) and reap them."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.terminate()
+    deadline = time.monotonic() + 5
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+
+
 def _process(todo: list[Point], threads: int, workers: int, address: str | None,
              checkpoints: dict[str, str]) -> Iterator[tuple[Point, dict]]:
     import multiprocessing as mp
@@ -237,15 +357,19 @@ def _process(todo: list[Point], threads: int, workers: int, address: str | None,
 
     del address
     # spawn, not fork: a forked child of a process that already ran torch threads can deadlock
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mp.get_context("spawn"),
+                               initializer=_worker_init, initargs=(os.getpid(),))
+    completed = False
+    try:
         futures = {pool.submit(execute_point, p.config.to_dict(), threads, checkpoints.get(p.run_id)): p
                    for p in todo}
-        try:
-            for fut in as_completed(futures):
-                yield futures[fut], fut.result()
-        finally:
-            for fut in futures:
-                fut.cancel()
+        for fut in as_completed(futures):
+            yield futures[fut], fut.result()
+        completed = True
+    finally:
+        if not completed:  # interrupted, closed early or failed: the running runs are abandoned
+            _stop_workers(pool)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 RUN_TIMEOUT_ENV = "FEDOPT_RAY_RUN_TIMEOUT_S"
@@ -328,6 +452,12 @@ _EXECUTOR_FNS: dict[str, Callable[..., Iterator[tuple[Point, dict]]]] = {
     "serial": _serial, "process": _process, "ray": _ray}
 
 
+def check_workers(workers: int | None) -> None:
+    """``workers`` is ``None`` (the CPU count) or an integer >= 1."""
+    check(workers is None or (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1),
+          f"--workers must be an integer >= 1 (or omitted: the CPU count, {os.cpu_count() or 1}), got {workers!r}")
+
+
 def check_executor(name: str, address: str | None, points: list[Point] | None = None) -> None:
     """Bad executor choices fail here, before any run and before anything is written: an unknown
     executor, ``--address`` without ``ray``, Ray not installed, an ``address`` where no Ray answers
@@ -366,6 +496,7 @@ def _write_run(runs: Path, point: Point, out: dict[str, Any]) -> None:
 
     tmp = Path(tempfile.mkdtemp(dir=runs, prefix=f".{point.run_id}."))
     try:
+        tmp.chmod(results.default_mode(folder=True))  # mkdtemp makes 0o700
         results.write_config(tmp, point.config)
         results.atomic_write(tmp / "metrics.csv", records_frame(out["records"]).to_csv(index=False))
         fields = {k: v for k, v in out.items() if k != "records"}
@@ -418,30 +549,99 @@ def combined_table(sweep: Sweep, out: Path):
     return table[first + config_cols + metric_cols]
 
 
-def _claim_out(out: Path, sweep: Sweep) -> None:
+LOCK = ".lock"
+
+
+def _lock(out: Path) -> int:
+    """Hold ``out/.lock`` exclusively (``flock``, not waiting); returns its descriptor. A lock
+    another process holds is a :class:`ConfigError` naming that process. Where ``fcntl`` does not
+    exist (Windows) the folder is not locked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return -1
+    path = out / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, results.default_mode())
+    except OSError as e:
+        raise ConfigError(results.cannot_create(out, e)) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+        os.close(fd)
+        who = f"pid {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process"
+        raise ConfigError(f"output folder {str(out)!r} is in use by another fedopt sweep ({who}); wait for it "
+                          "to end or choose another --out (nothing was written)") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    except OSError:
+        pass  # the lock holds; only the holder's name for a refused sweep is missing
+    return fd
+
+
+def _unlock(fd: int) -> None:
+    if fd >= 0:
+        os.close(fd)  # releases the flock (the file stays: removing it would race a new holder)
+
+
+def _claim_out(out: Path, sweep: Sweep) -> int:
     """``out`` is new, or holds this very sweep (then it is resumed); anything else is an error.
+    Returns the descriptor of the held lock (:func:`_lock`), taken before anything is written.
 
     ``sweep.toml`` is the spec with its base config inlined (it reruns anywhere); ``manifest.json``
-    lists the run ids in sweep order."""
+    lists the run ids in sweep order. A folder with a lock file but no manifest is one a sweep was
+    killed while creating: it is completed."""
     manifest = out / "manifest.json"
     ids = [p.run_id for p in sweep.points]
-    if out.exists():
-        check(manifest.is_file(), f"output folder {str(out)!r} exists and is not a sweep folder; "
-                                  "choose another --out (nothing was written)")
+    if out.exists() or out.is_symlink():
+        check(out.is_dir() and (manifest.is_file() or (out / LOCK).is_file()),
+              f"output folder {str(out)!r} exists and is not a sweep folder; choose another --out (nothing was written)")
+        if manifest.is_file():
+            _check_manifest(out, manifest, ids)
+    else:
         try:
-            old = json.loads(manifest.read_text()).get("run_ids")
-        except ValueError:
-            old = None
-        check(old == ids, f"output folder {str(out)!r} holds a different sweep; choose another --out "
-                          "(nothing was written)")
-        return
-    import tomli_w
+            out.mkdir(parents=True)
+        except FileExistsError:  # another sweep created it just now: its lock decides
+            pass
+        except OSError as e:
+            raise ConfigError(results.cannot_create(out, e)) from None
+    fd = _lock(out)
+    try:
+        if manifest.is_file():
+            _check_manifest(out, manifest, ids)
+            return fd
+        import tomli_w
 
-    out.mkdir(parents=True)
-    (out / "runs").mkdir()
-    results.atomic_write(out / "sweep.toml", tomli_w.dumps(sweep.spec))
-    results.atomic_write(manifest, json.dumps({"run_ids": ids, "axes": [p.assignments for p in sweep.points]},
-                                              indent=1) + "\n")
+        try:
+            (out / "runs").mkdir(exist_ok=True)
+            results.atomic_write(out / "sweep.toml", tomli_w.dumps(sweep.spec))
+            results.atomic_write(manifest, json.dumps({"run_ids": ids, "axes": [p.assignments for p in sweep.points]},
+                                                      indent=1) + "\n")
+        except OSError as e:
+            raise ConfigError(results.cannot_create(out, e)) from None
+        return fd
+    except BaseException:
+        _unlock(fd)
+        raise
+
+
+def _check_manifest(out: Path, manifest: Path, ids: list[str]) -> None:
+    try:
+        old = json.loads(manifest.read_text()).get("run_ids")
+    except (OSError, ValueError, AttributeError):
+        old = None
+    check(old == ids, f"output folder {str(out)!r} holds a different sweep; choose another --out (nothing was written)")
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Temporary files of a sweep that was killed (called with the folder's lock held, so no live
+    sweep owns them): hidden run folders being written and checkpoint temporaries."""
+    for leftover in (out / "runs").glob(".*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in (out / "checkpoints").glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
 
 
 @dataclass
@@ -456,20 +656,33 @@ class SweepReport:
 
 
 def run_sweep(sweep: Sweep, out: str | Path, *, executor: str = "serial", workers: int | None = None,
-              address: str | None = None, progress: bool = True) -> SweepReport:
-    """Run every point of ``sweep`` not already finished in ``out``, then write ``results.csv``."""
+              address: str | None = None, progress: bool = True,
+              on_start: Callable[[int], None] | None = None) -> SweepReport:
+    """Run every point of ``sweep`` not already finished in ``out``, then write ``results.csv``.
+
+    Every check (executor, ``workers``, the folder, its lock) happens before anything is written;
+    ``on_start(pending)`` is called after them with the number of runs to do. The folder is locked
+    while this runs (module docstring)."""
+    check_executor(executor, address, sweep.points)
+    check_workers(workers)
+    out = Path(out)
+    fd = _claim_out(out, sweep)
+    try:
+        return _run_locked(sweep, out, executor, workers or os.cpu_count() or 1, address, progress, on_start)
+    finally:
+        _unlock(fd)
+
+
+def _run_locked(sweep: Sweep, out: Path, executor: str, workers: int, address: str | None, progress: bool,
+                on_start: Callable[[int], None] | None) -> SweepReport:
     from tqdm.auto import tqdm
 
-    check_executor(executor, address, sweep.points)
-    workers = workers or os.cpu_count() or 1
-    check(workers >= 1, f"--workers must be >= 1, got {workers}")
-    out = Path(out)
-    _claim_out(out, sweep)
     runs = out / "runs"
     runs.mkdir(exist_ok=True)
-    for leftover in runs.glob(".*"):  # temporary folders of runs a killed sweep did not finish
-        shutil.rmtree(leftover, ignore_errors=True)
+    _remove_leftovers(out)
     todo = [p for p in sweep.points if not _finished(runs / p.run_id)]
+    if on_start is not None:
+        on_start(len(todo))
     # half-finished runs resume from out/checkpoints/<run_id>.pt (on a remote Ray cluster the
     # workers have no access to this folder: no checkpoints there)
     checkpoints: dict[str, str] = {}
@@ -483,22 +696,24 @@ def run_sweep(sweep: Sweep, out: str | Path, *, executor: str = "serial", worker
     with plugin_path(*sweep.plugin_paths), tqdm(total=len(sweep.points), initial=skipped, disable=not progress,
                                                 unit="run", desc=f"sweep ({executor})") as bar:
         bar.set_postfix(done=skipped, failed=0, remaining=len(todo))
-        for point, result in (_EXECUTOR_FNS[executor](todo, sweep.threads, workers, address, checkpoints)
-                              if todo else ()):
-            _write_run(runs, point, result)
-            if result["status"] != "failed":  # the run is over; a failed one keeps its checkpoint
-                Path(checkpoints.get(point.run_id, out / "none")).unlink(missing_ok=True)
-            if result["status"] == "failed":
-                failed.append(f"{point.run_id} ({result.get('error', '')})")
-            else:
-                counts[result["status"]] += 1
-            done = skipped + counts["finished"] + counts["diverged"]
-            bar.set_postfix(done=done, failed=len(failed), remaining=len(sweep.points) - done - len(failed),
-                            refresh=False)
-            bar.update(1)
+        run_all = _EXECUTOR_FNS[executor] if todo else _serial  # nothing to do: no pool, no Ray
+        # closing: an exception here (an interrupt while a run folder is written) still ends the
+        # executor's workers at once, not when the generator is collected
+        with contextlib.closing(run_all(todo, sweep.threads, workers, address, checkpoints)) as outcomes:
+            for point, result in outcomes:
+                _write_run(runs, point, result)
+                if result["status"] != "failed":  # the run is over; a failed one keeps its checkpoint
+                    Path(checkpoints.get(point.run_id, out / "none")).unlink(missing_ok=True)
+                if result["status"] == "failed":
+                    failed.append(f"{point.run_id} ({result.get('error', '')})")
+                else:
+                    counts[result["status"]] += 1
+                done = skipped + counts["finished"] + counts["diverged"]
+                bar.set_postfix(done=done, failed=len(failed), remaining=len(sweep.points) - done - len(failed),
+                                refresh=False)
+                bar.update(1)
     table = combined_table(sweep, out)
     table_path = out / "results.csv"
     results.atomic_write(table_path, table.to_csv(index=False))
     return SweepReport(len(sweep.points), skipped, counts["finished"], counts["diverged"], failed,
                        time.perf_counter() - t0, table_path)
-

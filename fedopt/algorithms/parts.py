@@ -30,7 +30,9 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-__all__ = ["StepRule", "fixed_step", "moving_average", "step_rule", "tuning_free_step"]
+__all__ = ["COUNT_MAX", "StepRule", "fixed_step", "moving_average", "step_rule", "tuning_free_step"]
+
+COUNT_MAX = 2**31 - 1  # the largest count a parameter may give (clients, batch sizes, steps: int32)
 
 
 class StepRule(NamedTuple):

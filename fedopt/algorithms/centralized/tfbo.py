@@ -34,13 +34,14 @@ are their inverses). Notation: :math:`R(v) = \tfrac12 v^\top\nabla^2_{yy} g\, v 
 
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple
 
 import torch
 
 from fedopt.algorithms.base import FederatedAlgorithm, Program, Round, Steps, conformance
 from fedopt.algorithms.decentralized._common import node_tasks
-from fedopt.algorithms.parts import moving_average, tuning_free_step
+from fedopt.algorithms.parts import COUNT_MAX, moving_average, tuning_free_step
 from fedopt.algorithms.parts import step_rule as make_rule
 from fedopt.errors import check
 from fedopt.problems.base import AbstractBilevelProblem
@@ -93,10 +94,12 @@ def _sq(d: torch.Tensor) -> torch.Tensor:
 def _positive(**values: float) -> None:
     for name, val in values.items():
         check(val > 0, f"algorithm.params.{name} must be > 0, got {val}")
+        check(math.isfinite(val), f"algorithm.params.{name} must be a finite number, got {val}")
 
 
 def _batch_size(batch_size: int | None) -> None:
-    check(batch_size is None or batch_size >= 1, f"algorithm.params.batch_size must be >= 1, got {batch_size}")
+    check(batch_size is None or 1 <= batch_size <= COUNT_MAX,
+          f"algorithm.params.batch_size must be in 1..{COUNT_MAX}, got {batch_size}")
 
 
 def _everyone(problem: AbstractBilevelProblem):
@@ -213,7 +216,8 @@ def d_tfbo(
     the method). A tolerance check costs one round; the gradient it evaluates is the step's.
     """
     _positive(alpha0=alpha0, beta0=beta0, gamma0=gamma0)
-    check(tolerance >= 0, f"algorithm.params.tolerance must be >= 0, got {tolerance}")
+    check(tolerance >= 0 and math.isfinite(tolerance),
+          f"algorithm.params.tolerance must be a finite number >= 0, got {tolerance}")
     check(inner_steps >= 1 and max_inner >= 1, "algorithm.params.inner_steps and max_inner must be >= 1")
     _batch_size(batch_size)
 
@@ -277,7 +281,7 @@ def s_tfbo(
     is added to the denominators (the code's JAX path uses 1e-8; default 0). One round per iteration.
     """
     _positive(alpha0=alpha0, beta0=beta0, gamma0=gamma0)
-    check(eps >= 0, f"algorithm.params.eps must be >= 0, got {eps}")
+    check(eps >= 0 and math.isfinite(eps), f"algorithm.params.eps must be a finite number >= 0, got {eps}")
     _batch_size(batch_size)
 
     def setup(problem: AbstractBilevelProblem, K: int, key: torch.Tensor) -> Steps:

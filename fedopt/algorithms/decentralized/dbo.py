@@ -24,12 +24,14 @@ Each node keeps a *matrix* :math:`Z_i \in \mathbb R^{p\times q}` estimating
 
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple
 
 import torch
 
 from fedopt.algorithms.base import DecentralizedAlgorithm, LocalStep, NodeProgram, Steps, conformance
 from fedopt.algorithms.decentralized._common import gossip_step, node_tasks, tracked_step
+from fedopt.algorithms.parts import COUNT_MAX
 from fedopt.errors import check
 from fedopt.problems.base import AbstractBilevelProblem
 from fedopt.registry import ALGORITHMS
@@ -55,9 +57,11 @@ def _dbo(name: str, *, outer_lr, inner_lr, z_lr, inner_steps, z_steps, batch_siz
          hvp_mode) -> DecentralizedAlgorithm:
     for pname, val in (("outer_lr", outer_lr), ("inner_lr", inner_lr), ("z_lr", z_lr)):
         check(val > 0, f"algorithm.params.{pname} must be > 0, got {val}")
+        check(math.isfinite(val), f"algorithm.params.{pname} must be a finite number, got {val}")
     check(inner_steps >= 1, f"algorithm.params.inner_steps must be >= 1, got {inner_steps}")
     check(z_steps >= 1, f"algorithm.params.z_steps must be >= 1, got {z_steps}")
-    check(batch_size is None or batch_size >= 1, f"algorithm.params.batch_size must be >= 1, got {batch_size}")
+    check(batch_size is None or 1 <= batch_size <= COUNT_MAX,
+          f"algorithm.params.batch_size must be in 1..{COUNT_MAX}, got {batch_size}")
     alpha, beta, gamma, order = outer_lr, inner_lr, z_lr, gossip_order
 
     def setup(problem: AbstractBilevelProblem, K: int, key: torch.Tensor, n: int) -> Steps:

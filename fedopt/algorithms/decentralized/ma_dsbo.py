@@ -56,13 +56,14 @@ diverges while :math:`\beta = \gamma = 0.05`, or ``mixing = "lazy_metropolis"`` 
 
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple
 
 import torch
 
 from fedopt.algorithms.base import DecentralizedAlgorithm, LocalStep, NodeProgram, Steps, conformance
 from fedopt.algorithms.decentralized._common import adaptive_step, gossip_step, node_tasks, tracked_step
-from fedopt.algorithms.parts import moving_average
+from fedopt.algorithms.parts import COUNT_MAX, moving_average
 from fedopt.errors import check
 from fedopt.problems.base import AbstractBilevelProblem
 from fedopt.registry import ALGORITHMS
@@ -96,10 +97,12 @@ class MADSBOState(NamedTuple):
 def _check(outer_lr, inner_lr, z_lr, theta, inner_steps, z_steps, batch_size) -> None:
     for name, val in (("outer_lr", outer_lr), ("inner_lr", inner_lr), ("z_lr", z_lr)):
         check(val > 0, f"algorithm.params.{name} must be > 0, got {val}")
+        check(math.isfinite(val), f"algorithm.params.{name} must be a finite number, got {val}")
     check(0 < theta <= 1, f"algorithm.params.theta must be in (0, 1], got {theta}")
     check(inner_steps >= 1, f"algorithm.params.inner_steps must be >= 1, got {inner_steps}")
     check(z_steps >= 1, f"algorithm.params.z_steps must be >= 1, got {z_steps}")
-    check(batch_size is None or batch_size >= 1, f"algorithm.params.batch_size must be >= 1, got {batch_size}")
+    check(batch_size is None or 1 <= batch_size <= COUNT_MAX,
+          f"algorithm.params.batch_size must be in 1..{COUNT_MAX}, got {batch_size}")
 
 
 @ALGORITHMS.register("ma_dsbo")

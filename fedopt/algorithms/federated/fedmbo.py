@@ -86,7 +86,7 @@ import torch
 
 from fedopt import random as rnd
 from fedopt.algorithms.base import FederatedAlgorithm, Program, Round, Steps, conformance
-from fedopt.algorithms.parts import fixed_step, tuning_free_step
+from fedopt.algorithms.parts import COUNT_MAX, fixed_step, tuning_free_step
 from fedopt.algorithms.parts import step_rule as make_rule
 from fedopt.algorithms.federated._tasks import BilevelTasks, bilevel_tasks
 from fedopt.errors import check
@@ -211,10 +211,12 @@ def fedmbo(
     """FedMBO (module docstring). Returns the algorithm; all arguments are validated here."""
     for name, val in (("outer_lr", outer_lr), ("inner_lr", inner_lr), ("neumann_lr", neumann_lr)):
         check(val > 0, f"algorithm.params.{name} must be > 0, got {val}")
+        check(math.isfinite(val), f"algorithm.params.{name} must be a finite number, got {val}")
     check(neumann_terms >= 1, f"algorithm.params.neumann_terms must be >= 1, got {neumann_terms}")
     check(inner_steps >= 0, f"algorithm.params.inner_steps must be >= 0, got {inner_steps}")
     check(clients_per_round >= 1, f"algorithm.params.clients_per_round must be >= 1, got {clients_per_round}")
-    check(batch_size is None or batch_size >= 1, f"algorithm.params.batch_size must be >= 1, got {batch_size}")
+    check(batch_size is None or 1 <= batch_size <= COUNT_MAX,
+          f"algorithm.params.batch_size must be in 1..{COUNT_MAX}, got {batch_size}")
     alpha, beta, eta, Q, T, n = outer_lr, inner_lr, neumann_lr, neumann_terms, inner_steps, clients_per_round
     tf = step_rule == "tuning_free"
     if tf:

@@ -30,6 +30,7 @@ is :math:`\tau_y` and ``outer_local_steps`` is :math:`\tau_x`.
 
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple
 
 import torch
@@ -39,6 +40,7 @@ from fedopt import random as rnd
 from fedopt.algorithms.base import FederatedAlgorithm, Program, Round, Steps, Task, conformance
 from fedopt.algorithms.federated._tasks import bilevel_tasks
 from fedopt.algorithms.federated.fedmbo import neumann_vector
+from fedopt.algorithms.parts import COUNT_MAX
 from fedopt.errors import check
 from fedopt.problems.base import AbstractBilevelProblem
 from fedopt.registry import ALGORITHMS
@@ -59,10 +61,12 @@ def _check_common(outer_lr, inner_lr, neumann_lr, neumann_terms, inner_steps, cl
                   batch_size, inner_local_steps, outer_local_steps) -> None:
     for name, val in (("outer_lr", outer_lr), ("inner_lr", inner_lr), ("neumann_lr", neumann_lr)):
         check(val > 0, f"algorithm.params.{name} must be > 0, got {val}")
+        check(math.isfinite(val), f"algorithm.params.{name} must be a finite number, got {val}")
     check(neumann_terms >= 1, f"algorithm.params.neumann_terms must be >= 1, got {neumann_terms}")
     check(inner_steps >= 0, f"algorithm.params.inner_steps must be >= 0, got {inner_steps}")
     check(clients_per_round >= 1, f"algorithm.params.clients_per_round must be >= 1, got {clients_per_round}")
-    check(batch_size is None or batch_size >= 1, f"algorithm.params.batch_size must be >= 1, got {batch_size}")
+    check(batch_size is None or 1 <= batch_size <= COUNT_MAX,
+          f"algorithm.params.batch_size must be in 1..{COUNT_MAX}, got {batch_size}")
     check(inner_local_steps >= 1, f"algorithm.params.inner_local_steps must be >= 1, got {inner_local_steps}")
     check(outer_local_steps >= 1, f"algorithm.params.outer_local_steps must be >= 1, got {outer_local_steps}")
 
