@@ -32,11 +32,13 @@ import networkx as nx
 import numpy as np
 import scipy.sparse as sp
 import torch
+from scipy.sparse.csgraph import breadth_first_order
 
 from topologies.graphs import TopologyError
 
 __all__ = [
     "MIXING_RULES",
+    "SubgraphMixing",
     "check_mixing_matrix",
     "lazy",
     "laplacian_weights",
@@ -115,40 +117,100 @@ def sparse_mixing_matrix(n: int, edges: np.ndarray, rule: str = "metropolis_hast
     r"""The mixing matrix of the graph on nodes ``0..n-1`` with undirected ``edges`` (an ``[m, 2]``
     integer array, no self-loops, no repeated edge) as a scipy CSR array with sorted indices.
 
-    ``metropolis_hastings``, ``lazy_metropolis`` and ``max_degree`` take :math:`O(n + m)`: the edge
-    weights from the degrees, each diagonal entry one minus its row's off-diagonal sum (summed over
-    the row's nonzeros in column order; :func:`mixing_matrix` sums the dense row, so the two can
-    differ in the last bit of the diagonal). Any other rule (``laplacian``, whose default
-    :math:`\alpha` needs :math:`\lambda_{\max}(L)`) goes through the dense :func:`mixing_matrix`.
-    The graph may be disconnected: the matrix is still symmetric and doubly stochastic."""
+    ``metropolis_hastings``, ``lazy_metropolis`` and ``max_degree`` take :math:`O(n + m)`
+    (:class:`SubgraphMixing`): the edge weights from the degrees, each diagonal entry one minus its
+    row's off-diagonal sum over the row's nonzeros (:func:`mixing_matrix` sums the dense row, so
+    the two can differ in the last bit of the diagonal). Any other rule (``laplacian``, whose
+    default :math:`\alpha` needs :math:`\lambda_{\max}(L)`) goes through the dense
+    :func:`mixing_matrix`. The graph may be disconnected: the matrix is still symmetric and doubly
+    stochastic."""
     if rule not in MIXING_RULES:
         raise TopologyError(f"unknown mixing rule {rule!r}; available: {', '.join(sorted(MIXING_RULES))}")
     edges = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
-    u, v = edges[:, 0], edges[:, 1]
-    if rule not in ("metropolis_hastings", "lazy_metropolis", "max_degree"):
-        g = nx.Graph()
-        g.add_nodes_from(range(n))
-        g.add_edges_from(map(tuple, edges.tolist()))
-        w = sp.csr_array(mixing_matrix(g, rule))
-        w.sort_indices()
-        return w
-    deg = (np.bincount(u, minlength=n) + np.bincount(v, minlength=n)).astype(float)
-    if rule == "max_degree":
-        w_e = np.full(len(u), 1.0 / (1.0 + deg.max(initial=0.0)))
-    else:
-        w_e = 1.0 / (1.0 + np.maximum(deg[u], deg[v]))
-    off = sp.csr_array((np.concatenate([w_e, w_e]), (np.concatenate([u, v]), np.concatenate([v, u]))), shape=(n, n))
-    diag = 1.0 - off.sum(axis=1)
-    if rule == "lazy_metropolis":  # lazy(W, 1/2) = I/2 + W/2, term by term as lazy() computes it
-        off = off * 0.5
-        diag = 0.5 + 0.5 * diag
-    coo = off.tocoo()
-    nodes = np.arange(n)
-    w = sp.csr_array((np.concatenate([coo.data, diag]), (np.concatenate([coo.row, nodes]), np.concatenate([coo.col, nodes]))),
-                     shape=(n, n))
-    w.eliminate_zeros()
+    if rule not in SubgraphMixing.FAST_RULES:
+        return _via_dense(n, edges, rule)
+    sub = SubgraphMixing(n, edges)
+    keep = np.ones(len(edges), dtype=bool)
+    return sub.matrix(keep, sub.pattern(keep), rule)
+
+
+def _via_dense(n: int, edges: np.ndarray, rule: str) -> sp.csr_array:
+    g = nx.Graph()
+    g.add_nodes_from(range(n))
+    g.add_edges_from(map(tuple, edges.tolist()))
+    w = sp.csr_array(mixing_matrix(g, rule))
     w.sort_indices()
     return w
+
+
+class SubgraphMixing:
+    """The subgraphs of one base graph (the edges that survive a round) and their mixing matrices,
+    in :math:`O(n + m)` numpy work on a CSR layout fixed once: edge ``e = (u, v)`` owns the slots
+    ``(u, v)`` and ``(v, u)``, every node its diagonal slot. A subgraph's pattern is its surviving
+    slots; connectivity is one breadth-first search on it (the pattern is symmetric, so a directed
+    search from node 0 reaches exactly node 0's component). Rules ``metropolis_hastings``,
+    ``lazy_metropolis`` and ``max_degree`` are computed here (each diagonal entry one minus its
+    row's off-diagonal sum, ``numpy.add.reduceat`` over the row's slots in column order); any other
+    rule goes through the dense :func:`mixing_matrix`. Indices are int32 (scipy's own choice below
+    2**31 entries, and what its graph search takes without a copy)."""
+
+    FAST_RULES = ("metropolis_hastings", "lazy_metropolis", "max_degree")
+
+    def __init__(self, n: int, edges: np.ndarray) -> None:
+        self.n, self.edges = n, edges
+        self.u, self.v = edges[:, 0].copy(), edges[:, 1].copy()
+        m, nodes = len(edges), np.arange(n)
+        rows = np.concatenate([self.u, self.v, nodes])
+        cols = np.concatenate([self.v, self.u, nodes])
+        order = np.lexsort((cols, rows))  # CSR order: by row, then column
+        self.rows, self.cols = rows[order], cols[order].astype(np.int32)
+        self.edge_of_slot = np.concatenate([np.arange(m), np.arange(m), np.full(n, m)])[order]  # m: the diagonal
+        self.is_diagonal = self.edge_of_slot == m
+        self.ones = np.ones(len(order))
+
+    def pattern(self, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(present, cols, indptr)`` when edges ``keep`` survive: which slots survive, and the
+        CSR column indices and row pointer of the surviving pattern."""
+        present = np.append(keep, True)[self.edge_of_slot]
+        indptr = np.zeros(self.n + 1, dtype=np.int32)
+        np.cumsum(np.bincount(self.rows[present], minlength=self.n), out=indptr[1:])
+        return present, self.cols[present], indptr
+
+    def connected(self, pattern: tuple[np.ndarray, np.ndarray, np.ndarray]) -> bool:
+        """Whether the subgraph of ``pattern`` is connected."""
+        _, cols, indptr = pattern
+        n = self.n
+        if n <= 1:
+            return True
+        if (np.diff(indptr) == 1).any():  # a node left with its diagonal only
+            return False
+        g = sp.csr_matrix((self.ones[:len(cols)], cols, indptr), shape=(n, n))
+        return len(breadth_first_order(g, 0, directed=True, return_predecessors=False)) == n
+
+    def matrix(self, keep: np.ndarray, pattern: tuple[np.ndarray, np.ndarray, np.ndarray], rule: str) -> sp.csr_array:
+        """The mixing matrix of the subgraph with edges ``edges[keep]`` (``pattern`` from :meth:`pattern`)."""
+        present, cols, indptr = pattern
+        n = self.n
+        if rule not in self.FAST_RULES:
+            return _via_dense(n, self.edges[keep], rule)
+        deg = (np.diff(indptr) - 1).astype(float)
+        if rule == "max_degree":
+            w_e = np.full(len(keep), 1.0 / (1.0 + deg.max(initial=0.0)))
+        else:
+            w_e = 1.0 / (1.0 + np.maximum(deg[self.u], deg[self.v]))
+        slot_edge = self.edge_of_slot[present]
+        data = np.append(w_e, 0.0)[slot_edge]
+        diagonal = np.flatnonzero(slot_edge == len(keep))
+        diag = 1.0 - np.add.reduceat(data, indptr[:-1])  # the row's off-diagonal sum, in column order
+        if rule == "lazy_metropolis":  # lazy(W, 1/2) = I/2 + W/2, term by term as lazy() computes it
+            data *= 0.5
+            diag = 0.5 + 0.5 * diag
+        data[diagonal] = diag
+        w = sp.csr_array((data, cols, indptr), shape=(n, n))
+        if not diag.all():  # a zero diagonal entry: drop its slot, as a dense matrix's conversion does
+            w.eliminate_zeros()
+        w.has_sorted_indices = True
+        return w
 
 
 def spectral_gap(w: np.ndarray) -> float:
@@ -199,9 +261,11 @@ def to_torch(w: np.ndarray | sp.sparray, *, dtype: torch.dtype = torch.float64, 
     dense intermediate (the same entries, in the same order, as from the dense matrix)."""
     n = w.shape[0] if sp.issparse(w) else len(w)
     if sp.issparse(w):
-        csr = sp.csr_array(w, copy=True)
-        csr.eliminate_zeros()
-        csr.sort_indices()
+        csr = w if isinstance(w, sp.csr_array) else sp.csr_array(w)
+        if not csr.has_canonical_format or not csr.data.all():  # sorted, no duplicates, no stored zeros
+            csr = csr.copy()
+            csr.sum_duplicates()
+            csr.eliminate_zeros()
         if sparse is None:
             sparse = n > 256 and csr.nnz <= 0.1 * n * n
         if not sparse:

@@ -38,7 +38,7 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
 from topologies.graphs import TopologyError, from_networkx
-from topologies.mixing import check_mixing_matrix, mixing_matrix, sparse_mixing_matrix
+from topologies.mixing import SubgraphMixing, check_mixing_matrix, mixing_matrix, sparse_mixing_matrix
 
 __all__ = ["Schedule", "cycle_schedule", "edge_dropout_schedule", "random_graph_schedule", "static_schedule"]
 
@@ -74,16 +74,6 @@ def _csr(w: np.ndarray) -> sp.csr_array:
 
 def _edge_array(g: nx.Graph) -> np.ndarray:
     return np.array(list(g.edges), dtype=np.int64).reshape(-1, 2)
-
-
-def _is_connected(n: int, edges: np.ndarray) -> bool:
-    """Whether the graph on ``0..n-1`` with ``edges`` is connected (one graph search, O(n + m))."""
-    if n <= 1:
-        return True
-    if len(edges) < n - 1:
-        return False
-    a = sp.coo_array((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
-    return connected_components(a, directed=False, return_labels=False) == 1
 
 
 def static_schedule(w: np.ndarray, g: nx.Graph | None = None) -> Schedule:
@@ -197,13 +187,17 @@ def edge_dropout_schedule(g: nx.Graph, p: float, *, seed: int, rule: str = "metr
                     break
         return keep
 
+    subgraphs = SubgraphMixing(n, edges)
+
     def at(t: int) -> sp.csr_array:
         rng = np.random.default_rng([seed, t, _DROPOUT_TAG])
         keep = rng.random(m) >= p
-        if connected and not _is_connected(n, edges[keep]):
+        pattern = subgraphs.pattern(keep)
+        if connected and not subgraphs.connected(pattern):
             for _ in range(max_tries - 1):
                 keep = rng.random(m) >= p
-                if _is_connected(n, edges[keep]):
+                pattern = subgraphs.pattern(keep)
+                if subgraphs.connected(pattern):
                     break
             else:
                 if t == 0:
@@ -211,7 +205,8 @@ def edge_dropout_schedule(g: nx.Graph, p: float, *, seed: int, rule: str = "metr
                                         "round 0, so a connected round is too rare to condition on; lower p, or "
                                         "set connected = false")
                 keep = reconnect(keep, rng)
-        return sparse_mixing_matrix(n, edges[keep], rule)
+                pattern = subgraphs.pattern(keep)
+        return subgraphs.matrix(keep, pattern, rule)
 
     schedule = Schedule(at)
     schedule.sparse(0)  # round 0 now: a hopeless p fails when the schedule is built, not mid-run
