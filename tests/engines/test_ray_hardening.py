@@ -25,7 +25,7 @@ try:  # importorskip silences flwr's import-time deprecation warnings (not ours)
     flwr = pytest.importorskip("flwr.simulation")
 except pytest.skip.Exception:  # the ray tests run without the flower extra
     flwr = None
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(180)
 
 
 # ---- processes and their sockets, from /proc ----------------------------------------------------
@@ -270,6 +270,7 @@ def test_every_local_ray_start_goes_through_the_one_loopback_start(monkeypatch):
 
 # ---- a killed ray-executor sweep ----------------------------------------------------------------
 
+@pytest.mark.slow  # a fresh interpreter (torch) and a Ray start: ~25 s idle, a minute on 2 busy cores
 def test_sigkill_on_a_ray_executor_sweep_leaves_no_process(tmp_path):
     raw = quadratic_config(clients=4, rounds=200000, eval_every=1000)
     spec = {"base": raw, "grid": {"seed": [0, 1]}}
@@ -298,6 +299,7 @@ def test_sigkill_on_a_ray_executor_sweep_leaves_no_process(tmp_path):
             proc.wait(10)
         for pid in alive(seen):  # only if the test failed: clean up what it started
             os.kill(pid, signal.SIGKILL)
+        proc.stderr.close()
 
 
 def _cmdline(pid: int) -> bytes:
