@@ -62,9 +62,11 @@ class Network:
         return self.graph.number_of_nodes()
 
     def _latest(self, key: Any, t: int, make: Callable[[], Any]) -> Any:
-        hit = self._cache.get(key)
+        hit = self._cache.pop(key, None)
         if hit is not None and hit[0] == t:
+            self._cache[key] = hit
             return hit[1]
+        del hit  # freed before the next round's matrix is made: the allocator reuses its memory
         value = make()
         self._cache[key] = (t, value)
         return value

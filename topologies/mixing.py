@@ -18,13 +18,14 @@ rule                          weights
 nonnegative, and has a positive gap on every connected graph (``max_degree`` uses
 :math:`d_{\max} + 1` rather than :math:`d_{\max}` so that bipartite regular graphs, e.g. even rings,
 do not get the eigenvalue :math:`-1`). :func:`mixing_matrix` is dense numpy;
-:func:`sparse_mixing_matrix` builds the same matrix from an edge array as a scipy CSR array in
-:math:`O(n + m)` (what a time-varying schedule does every round); :func:`to_torch` gives a dense
+:func:`sparse_mixing_matrix` builds the same matrix (bit for bit) from an edge array as a scipy
+CSR array without a dense intermediate (what a time-varying schedule does every round); :func:`to_torch` gives a dense
 or sparse torch matrix for gossip from either.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 
@@ -118,9 +119,9 @@ def sparse_mixing_matrix(n: int, edges: np.ndarray, rule: str = "metropolis_hast
     integer array, no self-loops, no repeated edge) as a scipy CSR array with sorted indices.
 
     ``metropolis_hastings``, ``lazy_metropolis`` and ``max_degree`` take :math:`O(n + m)`
-    (:class:`SubgraphMixing`): the edge weights from the degrees, each diagonal entry one minus its
-    row's off-diagonal sum over the row's nonzeros (:func:`mixing_matrix` sums the dense row, so
-    the two can differ in the last bit of the diagonal). Any other rule (``laplacian``, whose
+    (:class:`SubgraphMixing`; :math:`O(n^2 / 128)` for the diagonal's row sums up to n = 2,896,
+    which reproduce the dense rule's rounding, so the matrix equals :func:`mixing_matrix` bit for
+    bit; above that the row sums go in column order and the diagonal may differ in the last bit). Any other rule (``laplacian``, whose
     default :math:`\alpha` needs :math:`\lambda_{\max}(L)`) goes through the dense
     :func:`mixing_matrix`. The graph may be disconnected: the matrix is still symmetric and doubly
     stochastic."""
@@ -143,15 +144,79 @@ def _via_dense(n: int, edges: np.ndarray, rule: str) -> sp.csr_array:
     return w
 
 
+# ---- row sums in the dense rules' rounding -------------------------------------------------------
+# The dense rules set each diagonal entry to one minus ``w.sum(1)`` over the dense row, which numpy
+# adds pairwise: blocks of at most 128 entries (halves rounded down to a multiple of 8), each
+# block in 8 interleaved partial sums combined as ((r0+r1)+(r2+r3))+((r4+r5)+(r6+r7)) plus its
+# last len % 8 entries one by one (fewer than 8 entries: one by one), the blocks added back up the
+# halving tree. Zeros change none of these partial sums, so the same additions over a row's
+# nonzeros give the dense row sum bit for bit, and a sparse W_t equals the dense rule's exactly
+# (tests/test_topologies/test_schedules_hardening.py checks this against numpy).
+
+_PAIRWISE_MAX_CELLS = 2**20  # rows x blocks held at once; larger graphs sum each row in column order
+
+
+@functools.lru_cache(maxsize=16)
+def _pairwise_plan(n: int) -> tuple[object, np.ndarray, np.ndarray, int]:
+    """numpy's pairwise layout of a length-``n`` row: the halving tree over block ids, and per
+    column its block and lane (0-7 interleaved partial sums, 8 added one by one after them)."""
+    leaves: list[tuple[int, int]] = []
+
+    def split(lo: int, hi: int) -> object:
+        if hi - lo <= 128:
+            leaves.append((lo, hi))
+            return len(leaves) - 1
+        half = (hi - lo) // 2
+        half -= half % 8
+        return split(lo, lo + half), split(lo + half, hi)
+
+    tree = split(0, n)
+    block, lane = np.empty(n, dtype=np.int64), np.full(n, 8, dtype=np.int64)
+    for b, (lo, hi) in enumerate(leaves):
+        block[lo:hi] = b
+        if hi - lo >= 8:
+            end = hi - (hi - lo) % 8
+            lane[lo:end] = np.arange(end - lo) % 8
+    return tree, block, lane, len(leaves)
+
+
+def _dense_row_sums(n: int, indptr: np.ndarray, cols: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """``A.sum(1)`` of the dense ``n x n`` matrix with these CSR entries (zeros allowed), added in
+    numpy's pairwise order (see above); column order above :data:`_PAIRWISE_MAX_CELLS`."""
+    tree, block, lane, blocks = _pairwise_plan(n)
+    if n * blocks > _PAIRWISE_MAX_CELLS:
+        return np.add.reduceat(data, indptr[:-1]) if len(data) else np.zeros(n)
+    rows = np.repeat(np.arange(n), np.diff(indptr))
+    cell = rows * blocks + block[cols]  # (row, block), non-decreasing in CSR order
+    j = lane[cols]
+    # np.bincount adds its weights one by one in input order: each partial sum in column order
+    r = np.bincount(cell * 9 + j, weights=data, minlength=n * blocks * 9).reshape(n * blocks, 9)
+    sums = ((r[:, 0] + r[:, 1]) + (r[:, 2] + r[:, 3])) + ((r[:, 4] + r[:, 5]) + (r[:, 6] + r[:, 7]))
+    tail = np.flatnonzero(j == 8)  # a block's last (at most 7) entries, one by one after its partial sums
+    if len(tail):
+        t_cell = cell[tail]
+        first = np.r_[True, t_cell[1:] != t_cell[:-1]]
+        rank = np.arange(len(tail)) - np.maximum.accumulate(np.where(first, np.arange(len(tail)), 0))
+        for k in range(int(rank.max()) + 1):
+            at = rank == k
+            sums[t_cell[at]] += data[tail[at]]
+    sums = sums.reshape(n, blocks)
+
+    def up(node: object) -> np.ndarray:
+        return sums[:, node] if isinstance(node, int) else up(node[0]) + up(node[1])
+
+    return up(tree)
+
+
 class SubgraphMixing:
     """The subgraphs of one base graph (the edges that survive a round) and their mixing matrices,
     in :math:`O(n + m)` numpy work on a CSR layout fixed once: edge ``e = (u, v)`` owns the slots
     ``(u, v)`` and ``(v, u)``, every node its diagonal slot. A subgraph's pattern is its surviving
     slots; connectivity is one breadth-first search on it (the pattern is symmetric, so a directed
     search from node 0 reaches exactly node 0's component). Rules ``metropolis_hastings``,
-    ``lazy_metropolis`` and ``max_degree`` are computed here (each diagonal entry one minus its
-    row's off-diagonal sum, ``numpy.add.reduceat`` over the row's slots in column order); any other
-    rule goes through the dense :func:`mixing_matrix`. Indices are int32 (scipy's own choice below
+    ``lazy_metropolis`` and ``max_degree`` are computed here, equal bit for bit to
+    :func:`mixing_matrix` (the diagonal's row sums in numpy's order, :func:`_dense_row_sums`);
+    any other rule goes through the dense :func:`mixing_matrix`. Indices are int32 (scipy's own choice below
     2**31 entries, and what its graph search takes without a copy)."""
 
     FAST_RULES = ("metropolis_hastings", "lazy_metropolis", "max_degree")
@@ -201,7 +266,7 @@ class SubgraphMixing:
         slot_edge = self.edge_of_slot[present]
         data = np.append(w_e, 0.0)[slot_edge]
         diagonal = np.flatnonzero(slot_edge == len(keep))
-        diag = 1.0 - np.add.reduceat(data, indptr[:-1])  # the row's off-diagonal sum, in column order
+        diag = 1.0 - _dense_row_sums(n, indptr, cols, data)  # the diagonal slots hold 0 here
         if rule == "lazy_metropolis":  # lazy(W, 1/2) = I/2 + W/2, term by term as lazy() computes it
             data *= 0.5
             diag = 0.5 + 0.5 * diag

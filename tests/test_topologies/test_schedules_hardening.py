@@ -149,13 +149,25 @@ def test_a_run_with_frequent_disconnected_draws_finishes():
 # ---- item 13: a round is sparse, with no eigendecomposition -----------------------------------------
 
 @pytest.mark.parametrize("rule", ["metropolis_hastings", "max_degree", "lazy_metropolis", "laplacian"])
-def test_sparse_mixing_matrix_is_the_dense_rule(rule):
-    g = T.erdos_renyi_graph(40, 0.15, seed=3)
-    edges = np.array(list(g.edges))
-    w = T.sparse_mixing_matrix(40, edges, rule)
-    assert w.has_sorted_indices and np.abs(w.toarray() - T.mixing_matrix(g, rule)).max() <= 1e-15
-    assert _graph_of(w) == set(g.edges)
+def test_sparse_mixing_matrix_is_the_dense_rule_bit_for_bit(rule):
+    """Same numbers as the dense rule, the diagonal's rounding included (numpy's pairwise row sums
+    reproduced), so a dropout run's trajectory is what the dense schedule gave."""
+    for g in (T.erdos_renyi_graph(40, 0.15, seed=3), T.erdos_renyi_graph(300, 0.05, seed=0), T.complete_graph(140)):
+        n = g.number_of_nodes()
+        w = T.sparse_mixing_matrix(n, np.array(list(g.edges)), rule)
+        assert w.has_sorted_indices and np.array_equal(w.toarray(), T.mixing_matrix(g, rule))
+        assert _graph_of(w) == set(g.edges)
     T.check_mixing_matrix(w.toarray(), g)
+
+
+def test_dropout_rounds_are_the_dense_rule_on_the_round_graph_bit_for_bit():
+    sched = T.edge_dropout_schedule(T.exponential_graph(200), 0.2, seed=4)
+    for t in range(3):
+        w = sched(t)
+        g = nx.Graph()
+        g.add_nodes_from(range(200))
+        g.add_edges_from(_graph_of(w))
+        assert np.array_equal(w, T.mixing_matrix(g))
 
 
 def test_dropout_rounds_stay_sparse_and_skip_the_eigendecomposition(monkeypatch):
