@@ -1,6 +1,7 @@
 """Plug-ins in every registry: user code by dotted path and by entry point, run through the real
 ``fedopt`` command (no ``PYTHONPATH``), and every way of getting one wrong: one line, exit code 2."""
 
+import contextlib
 import multiprocessing as mp
 import os
 import re
@@ -534,3 +535,31 @@ def test_a_config_names_plugins_in_every_table(tmp_path, monkeypatch):
         load_config(_config(data={"name": f"{mod}:tiny", "params": {"rows": 90}}))
     with pytest.raises(ConfigError, match="data.params.samples must be an integer"):
         load_config(_config(data={"name": f"{mod}:tiny", "params": {"samples": "many"}}))
+
+
+def test_only_plug_in_modules_travel_by_value(tmp_path, monkeypatch):
+    """With the checkout itself as a plug-in folder (the current folder of a user working in it),
+    fedopt, topologies and plots stay by reference (they are installed); a module that exists only
+    in a plug-in folder travels by value."""
+    import cloudpickle
+
+    from fedopt.engines.wire import ship_plugins_by_value
+    from topologies.plugins import plugin_path
+
+    repo = Path(__file__).resolve().parents[1]
+    name = f"lonely_{uuid.uuid4().hex[:8]}"
+    _write(tmp_path, f"{name}.py", "def f():\n    return 3\n")
+    with plugin_path(str(repo), str(tmp_path)):
+        __import__(name)
+        try:
+            shipped = ship_plugins_by_value()
+        finally:
+            picklers = [cloudpickle]
+            with contextlib.suppress(ImportError):
+                import ray.cloudpickle
+
+                picklers.append(ray.cloudpickle)
+            for pickler in picklers:
+                pickler.unregister_pickle_by_value(sys.modules[name])
+            sys.modules.pop(name, None)
+    assert name in shipped and not {"fedopt", "topologies", "plots"} & set(shipped)

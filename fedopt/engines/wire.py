@@ -54,6 +54,7 @@ def ship_plugins_by_value() -> list[str]:
     import importlib.machinery
     import os
     import sys
+    from importlib.metadata import packages_distributions
 
     from topologies.plugins import active_paths
 
@@ -61,12 +62,13 @@ def ship_plugins_by_value() -> list[str]:
     if not roots:
         return []
     elsewhere = [p for p in sys.path if p and os.path.realpath(p) not in roots]
+    installed = packages_distributions()  # top-level names of installed distributions (editable too)
     names = []
     for name, module in list(sys.modules.items()):
         file = getattr(module, "__file__", None)
         if "." in name or not file or not any(os.path.realpath(file).startswith(r + os.sep) for r in roots):
             continue
-        if importlib.machinery.PathFinder.find_spec(name, elsewhere) is not None:
+        if name in installed or importlib.machinery.PathFinder.find_spec(name, elsewhere) is not None:
             continue  # importable anyway (e.g. the current folder is a checkout of an installed package)
         names.append(name)
     picklers = []
