@@ -152,7 +152,10 @@ def test_a_run_with_frequent_disconnected_draws_finishes():
 def test_sparse_mixing_matrix_is_the_dense_rule_bit_for_bit(rule):
     """Same numbers as the dense rule, the diagonal's rounding included (numpy's pairwise row sums
     reproduced), so a dropout run's trajectory is what the dense schedule gave."""
-    for g in (T.erdos_renyi_graph(40, 0.15, seed=3), T.erdos_renyi_graph(300, 0.05, seed=0), T.complete_graph(140)):
+    graphs = [T.erdos_renyi_graph(40, 0.15, seed=3)]
+    if rule != "laplacian":  # laplacian goes through the dense rule anyway
+        graphs += [T.erdos_renyi_graph(300, 0.05, seed=0), T.complete_graph(140)]
+    for g in graphs:
         n = g.number_of_nodes()
         w = T.sparse_mixing_matrix(n, np.array(list(g.edges)), rule)
         assert w.has_sorted_indices and np.array_equal(w.toarray(), T.mixing_matrix(g, rule))
