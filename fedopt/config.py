@@ -206,7 +206,8 @@ def _component(raw: Any, key: str, registry: Registry[Any], extra: tuple[str, ..
     allowed = ("name", "params", *extra)
     for k in raw:
         check(k in allowed, f"unknown key {key}.{k}; allowed: {', '.join(allowed)}")
-    check("name" in raw, f"{key}.name is missing; available: {', '.join(registry.names())}")
+    if "name" not in raw:  # the names only now: listing them scans the installed entry points
+        raise ConfigError(f"{key}.name is missing; available: {', '.join(registry.names())}")
     check(isinstance(raw["name"], str), f"{key}.name must be a string, got {raw['name']!r}")
     factory = registry.get(raw["name"])
     params = check_params(factory, raw.get("params", {}), f"{key}.params", f"{registry.kind} {raw['name']!r}")
@@ -230,9 +231,9 @@ def _topology(raw: Any, clients: int | None) -> tuple[TopologyConfig, int | None
     for k in raw:
         check(k in allowed, f"unknown key topology.{k}; allowed: {', '.join(allowed)}")
     name = raw.get("name")
-    check(isinstance(name, str) and name != "",
-          f"topology.name must be a graph name; available: {', '.join(topologies.topology_names())}, edgelist, matrix, "
-          "or 'package.module:function'")
+    if not (isinstance(name, str) and name != ""):
+        raise ConfigError(f"topology.name must be a graph name; available: {', '.join(topologies.topology_names())}, "
+                          "edgelist, matrix, or 'package.module:function'")
     if name != "matrix":  # resolve a plug-in graph now, so a broken one fails before any run
         try:
             topologies.get_topology(name)
