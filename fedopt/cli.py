@@ -24,11 +24,13 @@ command resumes).
 topology's nodes, edges, degree range and spectral gap.
 
 Plug-ins: a component or topology named ``"my_module:factory"`` is imported from the config file's
-folder and then the current folder (``run``; for ``sweep``: the sweep file's folder, its base
-config's folder, the current folder; for ``topology show``: the current folder), which go to the
-front of ``sys.path`` first, so no ``PYTHONPATH`` is needed; :func:`fedopt.run` does the same for a
-path. Sweep workers get the same folders. Resolving a plug-in runs its code: a config or sweep file
-is trusted input. A broken plug-in is one error line, exit code 2.
+folder and then the current folder (``run``; ``run --resume``: the original config's folder, recorded
+in ``meta.json``, then the current folder; for ``sweep``: the sweep file's folder, its base config's
+folder, the current folder; for ``topology show``: the current folder), which go to the front of
+``sys.path`` first, so no ``PYTHONPATH`` is needed. :func:`fedopt.run`, :func:`fedopt.resume` and
+:func:`fedopt.sweep.load_sweep` search the same folders (for a mapping instead of a file: the current
+folder). Sweep workers get the same folders. Resolving a plug-in runs its code: a config or sweep
+file is trusted input, like a script. A broken plug-in is one error line, exit code 2.
 """
 
 from __future__ import annotations
