@@ -292,3 +292,36 @@ def test_run_and_sweep_files_respect_the_umask(tmp_path):
     assert {m for p, m in modes.items() if (folder / p).is_dir()} == {0o755}, modes
     assert json.loads((folder / "r" / "meta.json").read_text())["status"] == "finished"
     assert len(pd.read_csv(folder / "s" / "results.csv"))
+
+
+# ---- plug-ins: the console script and the API search the same folders ---------------------------
+
+def _plugin_config(module: str) -> dict:
+    raw = quadratic_config(clients=4, rounds=2)
+    raw["algorithm"]["name"] = f"{module}:factory"
+    return raw
+
+
+def test_plugins_resolve_from_the_same_folders_in_the_cli_and_the_api(tmp_path, monkeypatch):
+    """The config's folder, then the current folder; a module anywhere else is one error line."""
+    plugin = "from fedopt.algorithms.federated.fedmbo import fedmbo as factory\n"
+    sub, elsewhere = tmp_path / "configs", tmp_path / "elsewhere"
+    sub.mkdir()
+    elsewhere.mkdir()
+    (sub / "plug_in_config_dir.py").write_text(plugin)
+    (tmp_path / "plug_in_cwd.py").write_text(plugin)
+    (elsewhere / "plug_in_elsewhere.py").write_text(plugin)
+    for module in ("plug_in_config_dir", "plug_in_cwd", "plug_in_elsewhere"):
+        (sub / f"{module}.toml").write_text(tomli_w.dumps(_plugin_config(module)))
+    for module in ("plug_in_config_dir", "plug_in_cwd"):  # the console script, then the API
+        done = cli_in_process("run", f"configs/{module}.toml", "--out", f"out-{module}", "--quiet", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    monkeypatch.chdir(tmp_path)
+    for module in ("plug_in_config_dir", "plug_in_cwd"):
+        assert fedopt.run(sub / f"{module}.toml").attrs["status"] == "finished"
+    assert fedopt.run(_plugin_config("plug_in_cwd")).attrs["status"] == "finished"  # a mapping: the current folder
+    assert len(load_sweep({"base": _plugin_config("plug_in_cwd")}).points) == 1
+    refused("run", "configs/plug_in_elsewhere.toml", "--out", "x", "--quiet", cwd=tmp_path,
+            contains="cannot import module 'plug_in_elsewhere'")
+    with pytest.raises(ConfigError, match="cannot import module 'plug_in_elsewhere'"):
+        fedopt.run(sub / "plug_in_elsewhere.toml")
