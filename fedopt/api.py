@@ -69,7 +69,8 @@ def _run(
     if out_dir is not None:
         results.claim_folder(out_dir)
         results.write_config(out_dir, cfg)
-        results.write_meta(out_dir, cfg, status="running", pid=os.getpid(), plugin_folders=_config_folder(config))
+        results.write_meta(out_dir, cfg, status="running", pid=os.getpid(), pid_start=results.process_start(os.getpid()),
+                           plugin_folders=_config_folder(config))
     return _execute_into(cfg, built, out_dir, progress=progress, resume=None)
 
 
@@ -110,7 +111,8 @@ def resume(out: str | Path, *, progress: bool = False) -> pd.DataFrame:
         built = build(cfg)
         path = out_dir / results.CHECKPOINT
         checkpoint = results.read_checkpoint(path, built.problem.device) if path.is_file() else None
-        results.write_meta(out_dir, cfg, status="running", pid=os.getpid(), plugin_folders=recorded,
+        results.write_meta(out_dir, cfg, status="running", pid=os.getpid(), pid_start=results.process_start(os.getpid()),
+                           plugin_folders=recorded,
                            resumed_from=checkpoint.k if checkpoint else 0)
         return _execute_into(cfg, built, out_dir, progress=progress, resume=checkpoint)
 

@@ -16,9 +16,9 @@ Status values in ``meta.json``:
 * ``interrupted``: SIGINT or SIGTERM stopped the run (``signal`` says which, ``checkpoint_round``
   the outer iteration ``--resume`` continues from); the checkpoint is kept.
 
-While a run is ``running``, ``meta.json`` also holds the ``pid`` and ``host`` of its process, so a
-reader can tell a live run from a killed one (SIGKILL leaves no chance to write anything):
-:func:`run_is_alive`.
+While a run is ``running``, ``meta.json`` also holds the ``pid`` and ``host`` of its process (and,
+on Linux, ``pid_start``, when that process started), so a reader can tell a live run from a killed
+one (SIGKILL leaves no chance to write anything): :func:`run_is_alive`.
 
 Files are created with the mode a plain ``open()`` would give them (``0o666`` less the umask),
 folders ``0o777`` less the umask.
@@ -42,8 +42,8 @@ import tomli_w
 from fedopt.config import RunConfig
 from fedopt.errors import ConfigError
 
-__all__ = ["CHECKPOINT", "Interrupted", "atomic_write", "cannot_create", "claim_folder", "default_mode", "read_checkpoint", "run_is_alive",
-           "versions", "write_checkpoint", "write_config", "write_meta"]
+__all__ = ["CHECKPOINT", "Interrupted", "atomic_write", "cannot_create", "claim_folder", "default_mode", "process_start",
+           "read_checkpoint", "run_is_alive", "versions", "write_checkpoint", "write_config", "write_meta"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -118,9 +118,18 @@ def cannot_create(out: Path, e: OSError) -> str:
     return f"cannot write output folder {str(out)!r}: {reason}; choose another --out"
 
 
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, Linux); ``None`` if unknown."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def run_is_alive(meta: dict[str, Any]) -> bool | None:
-    """Whether the process recorded in a ``running`` run's ``meta.json`` still runs: ``True`` /
-    ``False`` on this host, ``None`` when the run is on another host or recorded no pid."""
+    """Whether the process recorded in a ``running`` run's ``meta.json`` (``pid``, ``host`` and,
+    on Linux, ``pid_start``) still runs: ``True`` / ``False`` on this host, ``None`` when the run is
+    on another host or recorded no pid. A pid reused by a later process does not count."""
     pid = meta.get("pid")
     if not isinstance(pid, int) or meta.get("host") != socket.gethostname():
         return None
@@ -129,8 +138,9 @@ def run_is_alive(meta: dict[str, Any]) -> bool | None:
     except ProcessLookupError:
         return False
     except PermissionError:  # some other user's process has that pid
-        return True
-    return True
+        pass
+    started = meta.get("pid_start")
+    return not (isinstance(started, int) and process_start(pid) not in (None, started))
 
 
 def versions() -> dict[str, str]:

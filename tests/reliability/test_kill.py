@@ -24,6 +24,7 @@ import pytest
 import tomli_w
 from helpers import cli_in_process, quadratic_config, refused
 
+from fedopt.results import process_start
 from fedopt.sweep import load_sweep, run_sweep
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -202,8 +203,13 @@ def test_resume_refuses_a_folder_whose_run_is_alive(tmp_path):
     meta = _meta(tmp_path / "run")
     sleeper = subprocess.Popen(["sleep", "30"])
     try:
-        (tmp_path / "run" / "meta.json").write_text(json.dumps({**meta, "status": "running", "pid": sleeper.pid}))
+        live = {**meta, "status": "running", "pid": sleeper.pid, "pid_start": process_start(sleeper.pid)}
+        (tmp_path / "run" / "meta.json").write_text(json.dumps(live))
         refused("run", "--resume", "run", "--quiet", cwd=tmp_path, contains=f"being run by process {sleeper.pid}")
+        # the same pid, started later than the recorded run: a reused pid, the run itself is gone
+        (tmp_path / "run" / "meta.json").write_text(json.dumps({**live, "pid_start": live["pid_start"] - 1}))
+        assert cli_in_process("run", "--resume", "run", "--quiet", cwd=tmp_path).returncode == 0
+        assert _meta(tmp_path / "run")["status"] == "finished"
     finally:
         sleeper.kill()
         sleeper.wait()
