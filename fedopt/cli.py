@@ -108,6 +108,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
           f"{report.diverged} diverged, {len(report.failed)} failed in {report.wall_s:.1f}s")
     for line in report.failed:
         print(f"failed: {line}", file=sys.stderr)
+    if report.tuning is not None:
+        from fedopt.tuning import describe
+
+        for line in describe(report.tuning):
+            print(f"selected {line}")
+        print(f"wrote {out / 'tuning.csv'}, {out / 'summary.json'}, {out / 'tuned.png'}")
     print(f"wrote {report.table_path}")
     return 1 if report.failed else 0
 

@@ -77,7 +77,7 @@ from topologies.plugins import active_paths, plugin_path
 __all__ = ["EXECUTORS", "Point", "Sweep", "check_workers", "load_sweep", "run_id", "run_sweep", "validate_points"]
 
 EXECUTORS = ("serial", "process", "ray")
-_SPEC_KEYS = {"base", "grid", "zip", "threads"}
+_SPEC_KEYS = {"base", "grid", "zip", "threads", "tune"}
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,7 @@ class Sweep:
     threads: int = 1
     duplicates: int = 0  # points whose resolved config another point already has
     plugin_paths: tuple[str, ...] = ()  # folders plug-ins are imported from (see load_sweep)
+    tune: Any = None  # a fedopt.tuning.TunedSweep when the spec has a [tune] table
 
 
 def run_id(cfg: RunConfig) -> str:
@@ -174,6 +175,12 @@ def load_sweep(source: str | Path | Mapping[str, Any], *, base_dir: Path | None 
     check(isinstance(base, Mapping), "sweep base must be a config path or a [base] table")
     folders = tuple(str(f) for f in plugin_folders(*files))
     with plugin_path(*folders):
+        if "tune" in spec:  # every method over its own grid (fedopt.tuning); validated point by point
+            from fedopt.tuning import expand_tuned
+
+            tuned = expand_tuned({**spec, "base": dict(base)}, base_dir=base_dir)
+            tuned.sweep = replace(tuned.sweep, plugin_paths=folders, tune=tuned)
+            return tuned.sweep
         sweep = _expand(spec, base, folders)
         validate_points(sweep.points)
     return sweep
@@ -653,6 +660,7 @@ class SweepReport:
     failed: list[str]
     wall_s: float
     table_path: Path
+    tuning: dict[str, Any] | None = None  # the tuning summary (fedopt.tuning) of a sweep with [tune]
 
 
 def run_sweep(sweep: Sweep, out: str | Path, *, executor: str = "serial", workers: int | None = None,
@@ -715,5 +723,10 @@ def _run_locked(sweep: Sweep, out: Path, executor: str, workers: int, address: s
     table = combined_table(sweep, out)
     table_path = out / "results.csv"
     results.atomic_write(table_path, table.to_csv(index=False))
+    tuning = None
+    if sweep.tune is not None:
+        from fedopt.tuning import write_tuning
+
+        tuning = write_tuning(out, sweep.tune, table_path)
     return SweepReport(len(sweep.points), skipped, counts["finished"], counts["diverged"], failed,
-                       time.perf_counter() - t0, table_path)
+                       time.perf_counter() - t0, table_path, tuning)

@@ -142,3 +142,50 @@ def test_a_budget_past_the_last_round_is_refused():
     spec["tune"]["at"] = 61
     with pytest.raises(ConfigError, match="past the run's last round"):
         expand_tuned(spec)
+
+
+def _sweep_file(folder, tune):
+    import tomllib  # noqa: F401  (the file below must parse)
+
+    base = copy.deepcopy(BASE)
+    base["rounds"] = 20
+    (folder / "base.toml").write_text(_toml(base))
+    (folder / "sweep.toml").write_text(f'base = "base.toml"\n[grid]\nseed = [0]\n{tune}')
+
+
+def _toml(d, prefix=""):
+    lines, tables = [], []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            tables.append((k, v))
+        else:
+            lines.append(f"{k} = {json.dumps(v)}")
+    for k, v in tables:
+        lines.append(f"[{prefix}{k}]")
+        lines.append(_toml(v, f"{prefix}{k}."))
+    return "\n".join(lines) + "\n"
+
+
+def test_fedopt_sweep_runs_a_tune_table_and_reports_each_selection(tmp_path):
+    from helpers import cli_in_process
+
+    _sweep_file(tmp_path, '[tune]\nmetric = "hypergrad_norm_sq"\n'
+                          '[tune.methods.fedmbo]\n"algorithm.params.outer_lr" = [0.02, 0.1]\n'
+                          '[tune.methods.fednest]\n"algorithm.name" = ["fednest"]\n'
+                          '"algorithm.params.outer_lr" = [0.02, 0.1]\n')
+    done = cli_in_process("sweep", "sweep.toml", "--out", "out", "--quiet", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    selected = [line for line in done.stdout.splitlines() if line.startswith("selected ")]
+    assert [line.split(":")[0] for line in selected] == ["selected fedmbo", "selected fednest"]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert set(summary["methods"]) == {"fedmbo", "fednest"} and (tmp_path / "out" / "tuned.png").is_file()
+    again = cli_in_process("sweep", "sweep.toml", "--out", "out", "--quiet", cwd=tmp_path)  # resumes: nothing to run
+    assert again.returncode == 0 and "4 already done" in again.stdout
+    assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary
+
+
+def test_a_tune_table_selecting_on_test_data_is_refused_in_one_line(tmp_path):
+    from helpers import refused
+
+    _sweep_file(tmp_path, '[tune]\nmetric = "test_acc"\n[tune.methods.a]\n"algorithm.params.outer_lr" = [0.1]\n')
+    refused("sweep", "sweep.toml", "--out", "out", cwd=tmp_path, contains="test split")
