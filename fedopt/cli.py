@@ -228,24 +228,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
+def _sigterm_interrupts() -> Iterator[list[int]]:
     """While the command runs, SIGTERM stops it the way SIGINT does (``results.Interrupted``, a
     ``KeyboardInterrupt``): a run folder is marked ``interrupted``, sweep workers are stopped. A
     second SIGTERM during that clean-up ends the process at once. Only in the main thread (where
-    Python runs signal handlers); the previous handler is restored afterwards."""
+    Python runs signal handlers); the previous handler is restored afterwards. Yields the list of
+    signals received (a library between the handler and the caller, Ray's ``wait`` for one, may
+    re-raise the exception as a plain ``KeyboardInterrupt``)."""
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
     from fedopt.results import Interrupted
 
     def on_term(signum: int, frame: object) -> None:
         del frame
+        received.append(signum)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM: the default, immediate end
         raise Interrupted(signum)
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        yield
+        yield received
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -253,14 +257,14 @@ def _sigterm_interrupts() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedopt`` console script."""
     args = build_parser().parse_args(argv)
-    with _sigterm_interrupts():
+    with _sigterm_interrupts() as received:
         try:
             return int(args.func(args))
         except ConfigError as e:
             sys.stderr.write(f"fedopt: error: {e}\n")
             return 2
         except KeyboardInterrupt as e:
-            signum = getattr(e, "signum", signal.SIGINT)
+            signum = getattr(e, "signum", None) or (received[-1] if received else signal.SIGINT)
             sys.stderr.write(f"fedopt: interrupted ({signal.Signals(signum).name})\n")
             return 128 + signum
 

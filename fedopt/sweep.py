@@ -420,13 +420,15 @@ def _ray(todo: list[Point], threads: int, workers: int, address: str | None,
             inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
             options["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(extra + inherited))}}
         task = ray.remote(**options)(execute_point)
+        isolated = ray.remote(**options)(execute_point_isolated)  # engines that start a Ray of their own
         window = workers if not address else max(workers, int(ray.cluster_resources().get("CPU", workers)))
         queue = list(reversed(todo))
         pending: dict[Any, tuple[Point, float]] = {}
         while queue or pending:
             while queue and len(pending) < window:
                 p = queue.pop()
-                pending[task.remote(p.config.to_dict(), threads, checkpoints.get(p.run_id))] = (p, time.monotonic())
+                fn = isolated if p.config.engine.name in OWN_RAY_ENGINES else task
+                pending[fn.remote(p.config.to_dict(), threads, checkpoints.get(p.run_id))] = (p, time.monotonic())
             done, _ = ray.wait(list(pending), num_returns=1, timeout=_WAIT_SLICE_S)
             for ref in done:
                 p, started = pending.pop(ref)
@@ -444,6 +446,30 @@ def _ray(todo: list[Point], threads: int, workers: int, address: str | None,
                                               f"({RUN_TIMEOUT_ENV}); its worker was stopped", started)
     finally:
         ray.shutdown()
+
+
+OWN_RAY_ENGINES = ("flower",)  # their runs start a private Ray: not possible inside a Ray worker
+
+
+def execute_point_isolated(config: dict[str, Any], threads: int, checkpoint: str | None = None) -> dict[str, Any]:
+    """:func:`execute_point` in a fresh spawned process, for a run whose engine starts a Ray of its
+    own (``flower``) from a Ray task of the ray executor: a Ray worker cannot start or join another
+    Ray, a plain child process can (a private one on 127.0.0.1, as in a serial sweep). The child
+    dies with the task's worker (``PR_SET_PDEATHSIG``, as the process executor's workers)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    t0 = time.perf_counter()
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                               initargs=(os.getpid(),))
+    try:
+        return pool.submit(execute_point, config, threads, checkpoint).result()
+    except BrokenProcessPool as e:
+        return {"status": "failed", "error": f"the run's process died: {e}", "records": [],
+                "wall_time_s": time.perf_counter() - t0}
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _ray_failure(error: str, started: float) -> dict[str, Any]:
@@ -468,8 +494,8 @@ def check_workers(workers: int | None) -> None:
 def check_executor(name: str, address: str | None, points: list[Point] | None = None) -> None:
     """Bad executor choices fail here, before any run and before anything is written: an unknown
     executor, ``--address`` without ``ray``, Ray not installed, an ``address`` where no Ray answers
-    (probed, a few seconds at most), a bad ``FEDOPT_RAY_RUN_TIMEOUT_S``, and ``points`` whose
-    engine cannot run inside a Ray task (``flower``: its simulation needs a Ray of its own)."""
+    (probed, a few seconds at most) and a bad ``FEDOPT_RAY_RUN_TIMEOUT_S``. (``points``: kept for
+    callers; every engine runs on every executor.)"""
     check(name in EXECUTORS, f"unknown executor {name!r}; available: {', '.join(EXECUTORS)}")
     check(address is None or name == "ray", f"--address is for the ray executor, not {name!r}")
     if name != "ray":
@@ -478,11 +504,7 @@ def check_executor(name: str, address: str | None, points: list[Point] | None = 
 
     ray_runtime.import_ray("the ray executor")
     _ray_run_timeout()
-    for p in points or ():
-        where = ", ".join(f"{k}={v!r}" for k, v in p.assignments.items()) or "the base config"
-        check(p.config.engine.name != "flower",
-              f"engine 'flower' cannot run inside executor ray (sweep point ({where})): Flower's simulation "
-              "needs a Ray of its own; use --executor process")
+    del points  # every engine runs on every executor (flower: in a process of its own, see _ray)
     if address:
         ray_runtime.probe(address, where="--address")
 

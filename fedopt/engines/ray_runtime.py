@@ -23,8 +23,10 @@ sweep's ``ray`` executor do it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from fedopt.errors import ConfigError, check
@@ -55,11 +57,31 @@ def inside_ray_worker() -> bool:
     import sys
 
     ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
+    # a module another thread is still importing (Flower's simulation imports Ray in a thread) has
+    # no is_initialized yet: it is not initialized
+    if ray is None or not getattr(ray, "is_initialized", lambda: False)():
         return False
     from ray._private.worker import global_worker
 
     return global_worker.mode == ray.WORKER_MODE
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler() -> Iterator[None]:
+    """Keep a Python SIGTERM handler across ``ray.init``, which replaces it with ``sys.exit`` (and
+    Ray's core worker with a C++ handler that logs and aborts): the CLI's handler ends a run or a
+    sweep cleanly (status ``interrupted``, workers stopped, exit 143). Without a Python handler
+    (SIG_DFL, e.g. in a user's script) Ray's own handling is left as it is."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    saved = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(saved):
+            signal.signal(signal.SIGTERM, saved)
 
 
 def start_local(num_cpus: float, *, num_gpus: float | None = None, **extra: Any) -> None:
@@ -77,7 +99,8 @@ def start_local(num_cpus: float, *, num_gpus: float | None = None, **extra: Any)
     for k, v in _LOCAL_ENV.items():  # inherited by the processes ray.init starts; a user's own value wins
         os.environ.setdefault(k, v)
     try:
-        ray.init(**kwargs)
+        with _keep_sigterm_handler():
+            ray.init(**kwargs)
     except Exception as e:  # noqa: BLE001 - no Ray is bad input / environment here, in one line
         if ray.is_initialized():  # half started: stop what did start
             ray.shutdown()
@@ -99,7 +122,8 @@ def join(address: str, *, where: str) -> None:
     # a join that fails later would print Ray's C++ retry lines above our one line
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     try:
-        ray.init(address=address, **QUIET)
+        with _keep_sigterm_handler():
+            ray.init(address=address, **QUIET)
     except Exception as e:  # noqa: BLE001 - any failure to reach Ray is bad input here
         if ray.is_initialized():
             ray.shutdown()

@@ -239,7 +239,7 @@ def test_tuning_free_fedmbo_and_ma_dsbo_match_fixed_steps_when_the_initial_step_
     ("s_tfbo", {"beta0": 0}, "beta0 must be > 0"),
     ("aid", {"outer_lr": 0.0, "inner_lr": 0.1, "v_lr": 0.1, "step_rule": "tuning_free"}, "outer_lr must be > 0"),
     ("soba", {"outer_lr": 0.1, "inner_lr": -0.1, "v_lr": 0.1}, "inner_lr must be > 0"),
-    ("d_tfbo", {"tolerance": -1e-3}, "tolerance must be >= 0"),
+    ("d_tfbo", {"tolerance": -1e-3}, "tolerance must be a finite number >= 0"),
     ("d_tfbo", {"accumulators": "tepid"}, "accumulators"),
 ])
 def test_bad_tuning_free_parameters_are_one_line_and_exit_2(tmp_path, capsys, algorithm, params, pattern):

@@ -270,36 +270,56 @@ def test_every_local_ray_start_goes_through_the_one_loopback_start(monkeypatch):
 
 # ---- a killed ray-executor sweep ----------------------------------------------------------------
 
-@pytest.mark.slow  # a fresh interpreter (torch) and a Ray start: ~25 s idle, a minute on 2 busy cores
-def test_sigkill_on_a_ray_executor_sweep_leaves_no_process(tmp_path):
+@pytest.mark.slow  # fresh interpreters (torch) and Ray starts: ~30 s idle, a minute on 2 busy cores
+def test_sigterm_and_sigkill_on_a_ray_executor_sweep_leave_no_process_and_a_free_folder(tmp_path):
+    """Two ray-executor sweeps at once (their start-ups overlap), one sent SIGTERM and one SIGKILL
+    while a run is under way in a Ray worker: every process each started (driver's Ray, raylet, GCS,
+    workers) is gone within 10 s, SIGTERM exits 143, and each folder is resumable: its lock is free
+    and no half-written run folder is left (run folders appear by an atomic rename)."""
+    import fcntl
+
     raw = quadratic_config(clients=4, rounds=200000, eval_every=1000)
     spec = {"base": raw, "grid": {"seed": [0, 1]}}
-    (tmp_path / "sweep.toml").write_text(tomli_w.dumps(spec))
-    proc = subprocess.Popen([sys.executable, "-m", "fedopt.cli", "sweep", "sweep.toml", "--executor", "ray",
-                             "--workers", "1", "--out", "out", "--quiet"], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    seen: set[int] = set()
+    procs = {}
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        folder = tmp_path / sig.name
+        folder.mkdir()
+        (folder / "sweep.toml").write_text(tomli_w.dumps(spec))
+        procs[sig] = subprocess.Popen([sys.executable, "-m", "fedopt.cli", "sweep", "sweep.toml", "--executor", "ray",
+                                       "--workers", "1", "--out", "out", "--quiet"], cwd=folder,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen: dict[signal.Signals, set[int]] = {sig: set() for sig in procs}
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and proc.poll() is None:  # until a run is under way in a worker
-            seen |= descendants(proc.pid)
-            if any(b"execute_point" in _cmdline(pid) for pid in seen):
-                break
+        deadline = time.monotonic() + 120
+        waiting = set(procs)
+        while waiting and time.monotonic() < deadline:  # until a run is under way in a worker of each
+            for sig in list(waiting):
+                seen[sig] |= descendants(procs[sig].pid)
+                if procs[sig].poll() is not None or any(b"execute_point" in _cmdline(pid) for pid in seen[sig]):
+                    waiting.discard(sig)
             time.sleep(0.2)
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        seen |= descendants(proc.pid)
-        assert any(b"raylet" in _cmdline(pid) for pid in seen) and len(seen) >= 3, seen
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        left = gone_within(seen, 10)
-        assert not left, [_cmdline(pid)[:80] for pid in left]
+        for sig, proc in procs.items():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            seen[sig] |= descendants(proc.pid)
+            assert any(b"raylet" in _cmdline(pid) for pid in seen[sig]) and len(seen[sig]) >= 3, seen[sig]
+        for sig, proc in procs.items():
+            proc.send_signal(sig)
+        for sig, proc in procs.items():
+            assert proc.wait(15) == (128 + signal.SIGTERM if sig == signal.SIGTERM else -signal.SIGKILL)
+            left = gone_within(seen[sig], 10)
+            assert not left, (sig.name, [_cmdline(pid)[:80] for pid in left])
+            out = tmp_path / sig.name / "out"
+            with open(out / ".lock", "a") as f:  # free: a rerun can take it at once
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            assert [p.name for p in (out / "runs").iterdir() if not p.name.startswith(".")] == []
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        for pid in alive(seen):  # only if the test failed: clean up what it started
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            proc.stderr.close()
+        for pid in alive(set().union(*seen.values())):  # only if the test failed: clean up what it started
             os.kill(pid, signal.SIGKILL)
-        proc.stderr.close()
 
 
 def _cmdline(pid: int) -> bytes:
